@@ -1,0 +1,83 @@
+import Foundation
+import Synchronization
+
+/// The outcome of one item: its prediction, or the reason it has none.
+public typealias ItemResult = Result<JSONValue, PredictionError>
+
+/// One caller's items and the continuation that gets their results.
+///
+/// A request larger than `max_batch_size` is spread over several batches (possibly on several
+/// workers); it resumes its caller once every item has a result. Once it is finished (answered,
+/// failed or cancelled) late results are ignored, so a batch that comes back after its caller gave
+/// up harms nobody.
+final class PendingRequest: Sendable {
+    let items: [JSONValue]
+    let enqueuedAt: ContinuousClock.Instant
+
+    private struct State {
+        var results: [ItemResult]
+        var remaining: Int
+        var continuation: CheckedContinuation<[ItemResult], any Error>?
+        var finished = false
+    }
+
+    private let state: Mutex<State>
+
+    private static let placeholder = ItemResult.failure(
+        PredictionError(kind: .unavailable, type: "Unanswered", message: "no result"))
+
+    init(items: [JSONValue]) {
+        self.items = items
+        self.enqueuedAt = .now
+        self.state = Mutex(State(results: Array(repeating: Self.placeholder, count: items.count), remaining: items.count))
+    }
+
+    var isFinished: Bool { state.withLock { $0.finished } }
+
+    /// Stores the continuation, unless the request was cancelled before it got here.
+    func attach(_ continuation: CheckedContinuation<[ItemResult], any Error>) -> Bool {
+        state.withLock { state in
+            if state.finished { return false }
+            state.continuation = continuation
+            return true
+        }
+    }
+
+    /// Records the results of `range`; resumes the caller when it was the last missing part.
+    func fill(_ range: Range<Int>, with results: ArraySlice<ItemResult>) {
+        let done: (CheckedContinuation<[ItemResult], any Error>, [ItemResult])? = state.withLock { state in
+            guard !state.finished else { return nil }
+            var index = range.lowerBound
+            for result in results {
+                state.results[index] = result
+                index += 1
+            }
+            state.remaining -= range.count
+            guard state.remaining == 0, let continuation = state.continuation else { return nil }
+            state.finished = true
+            state.continuation = nil
+            return (continuation, state.results)
+        }
+        if let (continuation, results) = done { continuation.resume(returning: results) }
+    }
+
+    /// Fails `range` with `error`, item by item (other parts of the request may still succeed).
+    func fail(_ range: Range<Int>, with error: PredictionError) {
+        fill(range, with: ArraySlice(repeating: .failure(error), count: range.count))
+    }
+
+    /// Ends the request at once with `error` (cancellation, shutdown). Returns false if it had already
+    /// finished.
+    @discardableResult
+    func abort(with error: any Error) -> Bool {
+        let continuation: CheckedContinuation<[ItemResult], any Error>?? = state.withLock { state in
+            guard !state.finished else { return .none }
+            state.finished = true
+            defer { state.continuation = nil }
+            return .some(state.continuation)
+        }
+        guard case .some(let waiting) = continuation else { return false }
+        waiting?.resume(throwing: error)
+        return true
+    }
+}

@@ -1,0 +1,229 @@
+import Foundation
+import Logging
+
+/// A model's isolated Python environment: a virtual environment with the worker runtime and the
+/// model's `requirements.txt` installed.
+///
+/// Environments are cached by content: the key hashes the interpreter (its path and full version),
+/// the requirements and the worker runtime, so models with identical requirements share one, and a
+/// second start with the same key runs no pip at all.
+public struct PythonEnvironment: Sendable {
+    /// The environment's directory (a virtual environment).
+    public let directory: URL
+    /// The cache key the directory is named after.
+    public let key: String
+    /// True when this call built the environment, false when it reused a cached one.
+    public let wasBuilt: Bool
+
+    /// The environment's interpreter, which runs the workers.
+    public var python: URL { directory.appendingPathComponent("bin/python") }
+}
+
+/// Where environments live and how to build them.
+public struct EnvironmentOptions: Sendable {
+    /// The cache directory; environments go under `envs/` inside it.
+    /// Default: `$SIDECAR_CACHE_DIR`, else `~/.cache/sidecar`.
+    public var cacheDirectory: URL
+    /// Arguments added to every `pip install` (after the model's own `python.pip_args`), e.g. an index
+    /// URL or `--no-index --find-links DIR` for offline machines. pip's own `PIP_*` environment
+    /// variables also pass through.
+    public var pipArgs: [String]
+
+    public init(cacheDirectory: URL? = nil, pipArgs: [String] = []) {
+        self.cacheDirectory = cacheDirectory ?? Self.defaultCacheDirectory
+        self.pipArgs = pipArgs
+    }
+
+    public static var defaultCacheDirectory: URL {
+        if let dir = ProcessInfo.processInfo.environment["SIDECAR_CACHE_DIR"], !dir.isEmpty {
+            return URL(fileURLWithPath: dir)
+        }
+        return FileManager.default.homeDirectoryForCurrentUser.appendingPathComponent(".cache/sidecar")
+    }
+}
+
+/// Builds (or finds in the cache) the environment for a bundle, and runs its `init.sh`.
+struct EnvironmentBuilder {
+    let options: EnvironmentOptions
+    let logger: Logger
+
+    /// Format of the cache layout; bump to invalidate every cached environment.
+    static let layoutVersion = "sidecar-env-1"
+
+    func prepare(_ bundle: ModelBundle) async throws -> PythonEnvironment {
+        let interpreter = try InterpreterLocator.resolve(bundle.configuration.python.interpreter)
+        let identity = try await interpreterIdentity(interpreter)
+        let runtime = try WorkerRuntime.locate()
+        let key = sha256Hex([
+            Data(Self.layoutVersion.utf8), Data(identity.utf8), Data(bundle.requirements.utf8), Data(runtime.contentHash.utf8),
+        ])
+        let shortKey = String(key.prefix(24))
+        let envs = options.cacheDirectory.appendingPathComponent("envs")
+        let directory = envs.appendingPathComponent(shortKey)
+        try FileManager.default.createDirectory(at: envs, withIntermediateDirectories: true)
+
+        // Two servers starting the same model at once must not both run pip into one directory.
+        let lock = try await FileLock.acquire(envs.appendingPathComponent("\(shortKey).lock"), logger: logger)
+        defer { lock.release() }
+
+        let marker = directory.appendingPathComponent(".sidecar-env-complete")
+        var built = false
+        if FileManager.default.fileExists(atPath: marker.path) {
+            logger.info("reusing cached Python environment \(directory.path)")
+        } else {
+            try await build(at: directory, interpreter: interpreter, runtime: runtime, bundle: bundle)
+            try Data("\(key)\n\(identity)\n".utf8).write(to: marker)
+            built = true
+        }
+        let environment = PythonEnvironment(directory: directory, key: key, wasBuilt: built)
+        try await runInitScript(bundle, environment: environment)
+        return environment
+    }
+
+    /// "path|version": two interpreters of the same version but different builds must not share.
+    private func interpreterIdentity(_ interpreter: String) async throws -> String {
+        let outcome = try await ProcessRunner.run(
+            interpreter, ["-c", "import sys, os; print(os.path.realpath(sys.executable) + '|' + sys.version.replace(chr(10), ' '))"],
+            logger: Logger(label: "sidecar.quiet", factory: { _ in SwiftLogNoOpLogHandler() }), label: "python")
+        guard outcome.succeeded, let line = outcome.lastLines.last else {
+            throw SidecarError(
+                .environmentFailed, "the Python interpreter \(interpreter) does not run (\(outcome.status))",
+                detail: outcome.lastLines.joined(separator: "\n"))
+        }
+        return line
+    }
+
+    private func build(at directory: URL, interpreter: String, runtime: WorkerRuntime, bundle: ModelBundle) async throws {
+        let name = bundle.configuration.name
+        // A directory without the completion marker is a build that died half-way: start over.
+        try? FileManager.default.removeItem(at: directory)
+        logger.info("building Python environment for model '\(name)' at \(directory.path) with \(interpreter)")
+
+        let venv = try await ProcessRunner.run(interpreter, ["-m", "venv", directory.path], logger: logger, label: "venv")
+        guard venv.succeeded else {
+            let hint = venv.lastLines.contains { $0.contains("ensurepip") }
+                ? " (on Debian, install the venv module: apt-get install python3-venv)" : ""
+            throw SidecarError(
+                .environmentFailed, "could not create a virtual environment with \(interpreter)\(hint)",
+                detail: venv.lastLines.joined(separator: "\n"))
+        }
+        let python = directory.appendingPathComponent("bin/python").path
+
+        // The runtime is copied, not pip-built: building a local package needs setuptools from the
+        // index, which offline machines do not have, and a copy is exact.
+        let purelib = try await ProcessRunner.run(
+            python, ["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], logger: logger, label: "venv")
+        guard purelib.succeeded, let sitePackages = purelib.lastLines.last else {
+            throw SidecarError(.environmentFailed, "the new environment's Python does not run", detail: purelib.lastLines.joined(separator: "\n"))
+        }
+        try runtime.install(into: URL(fileURLWithPath: sitePackages))
+
+        var args = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-r", runtime.requirementsFile.path]
+        if !bundle.requirements.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty {
+            args += ["-r", bundle.directory.appendingPathComponent("requirements.txt").path]
+        }
+        args += bundle.configuration.python.pipArgs + options.pipArgs
+        logger.info("pip install for model '\(name)' (its output follows)")
+        let pip = try await ProcessRunner.run(
+            python, args, workingDirectory: bundle.directory, environment: ["PIP_PROGRESS_BAR": "off"],
+            logger: logger, label: "pip", keepLines: 80)
+        guard pip.succeeded else {
+            try? FileManager.default.removeItem(at: directory)
+            throw PipFailure.explain(pip.lastLines, model: name, requirements: bundle.directory.appendingPathComponent("requirements.txt").path)
+        }
+    }
+
+    private func runInitScript(_ bundle: ModelBundle, environment: PythonEnvironment) async throws {
+        guard let script = bundle.initScript else { return }
+        let contents = (try? Data(contentsOf: script)) ?? Data()
+        // Once per environment and script: a changed init.sh runs again, an unchanged one does not.
+        let marker = environment.directory.appendingPathComponent(
+            ".init-" + String(sha256Hex([Data(bundle.directory.path.utf8), contents]).prefix(16)))
+        if FileManager.default.fileExists(atPath: marker.path) { return }
+        logger.info("running \(script.path)")
+        let outcome = try await ProcessRunner.run(
+            "/bin/bash", [script.path], workingDirectory: bundle.directory,
+            environment: HookEnvironment.variables(bundle: bundle, environment: environment),
+            logger: logger, label: "init.sh")
+        guard outcome.succeeded else {
+            throw SidecarError(
+                .environmentFailed, "\(script.path) failed (\(outcome.status)); fix the script and start again",
+                detail: outcome.lastLines.joined(separator: "\n"))
+        }
+        try Data().write(to: marker)
+    }
+}
+
+/// What `init.sh` and `cleanup.sh` see: the environment activated and where the model lives.
+enum HookEnvironment {
+    static func variables(bundle: ModelBundle, environment: PythonEnvironment) -> [String: String] {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        return [
+            "VIRTUAL_ENV": environment.directory.path,
+            "PATH": environment.directory.appendingPathComponent("bin").path + ":" + path,
+            "SIDECAR_MODEL_DIR": bundle.directory.path,
+            "SIDECAR_MODEL_NAME": bundle.configuration.name,
+        ]
+    }
+}
+
+/// Turns pip's output into one sentence naming the requirement that failed.
+enum PipFailure {
+    static func explain(_ lines: [String], model: String, requirements: String) -> SidecarError {
+        let output = lines.joined(separator: "\n")
+        func requirement(after marker: String) -> String? {
+            for line in lines.reversed() {
+                if let range = line.range(of: marker) {
+                    let rest = line[range.upperBound...].trimmingCharacters(in: .whitespaces)
+                    return String(rest.split(separator: " ").first ?? Substring(rest))
+                }
+            }
+            return nil
+        }
+        let message: String
+        if let name = requirement(after: "No matching distribution found for") {
+            message = "pip could not install '\(name)' for model '\(model)': no version of it matches on the package index; check its name and version in \(requirements), or the index options (python.pip_args)"
+        } else if output.contains("ResolutionImpossible") || output.contains("conflicting dependencies") {
+            message = "pip could not install the requirements of model '\(model)': they conflict with each other (or with the worker runtime's grpcio/protobuf/orjson); relax the pins in \(requirements)"
+        } else if let line = lines.last(where: { $0.hasPrefix("ERROR:") }) {
+            message = "pip failed for model '\(model)': \(line.dropFirst("ERROR:".count).trimmingCharacters(in: .whitespaces))"
+        } else {
+            message = "pip failed for model '\(model)'; its output follows"
+        }
+        return SidecarError(.environmentFailed, message, detail: output)
+    }
+}
+
+/// Finds the interpreter for a model's environment.
+enum InterpreterLocator {
+    /// The configured interpreter, else `$SIDECAR_PYTHON`, else the system interpreter that matches
+    /// the system libpython (so that one environment serves both worker processes and the embedded
+    /// executor), else `python3` on PATH.
+    static func resolve(_ configured: String?) throws -> String {
+        let environment = ProcessInfo.processInfo.environment
+        if let configured { return try check(configured, source: "python.interpreter in sidecar.yaml") }
+        if let fromEnv = environment["SIDECAR_PYTHON"], !fromEnv.isEmpty { return try check(fromEnv, source: "SIDECAR_PYTHON") }
+        for candidate in ["/usr/bin/python3.11", "/usr/bin/python3"] where FileManager.default.isExecutableFile(atPath: candidate) {
+            return candidate
+        }
+        for dir in (environment["PATH"] ?? "").split(separator: ":") {
+            let candidate = "\(dir)/python3"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw SidecarError(.environmentFailed, "no Python interpreter found; install python3 or set python.interpreter in sidecar.yaml")
+    }
+
+    private static func check(_ path: String, source: String) throws -> String {
+        if path.contains("/") {
+            guard FileManager.default.isExecutableFile(atPath: path) else {
+                throw SidecarError(.environmentFailed, "\(source): \(path) is not an executable Python interpreter")
+            }
+            return path
+        }
+        for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") {
+            let candidate = "\(dir)/\(path)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw SidecarError(.environmentFailed, "\(source): \(path) is not on PATH")
+    }
+}

@@ -1,0 +1,216 @@
+import Foundation
+import Yams
+
+/// A model's settings, read from the optional `sidecar.yaml` in its directory.
+///
+/// Every key is optional. Unknown keys and bad values are errors that name the file, the key and
+/// what is expected, because a typo that silently falls back to a default (TorchServe's misspelled
+/// `min_worker`) is worse than refusing to start.
+public struct ModelConfiguration: Sendable, Equatable {
+    /// The model's name (default: the directory's name).
+    public var name: String
+    /// The handler entry point, `module:attribute` (default `handler:predict`).
+    public var handler: String
+    /// The number of worker processes (default 1).
+    public var workers: Int
+    public var batching: Batching
+    public var timeouts: Timeouts
+    /// How many times a batch whose worker died is dispatched again before its items fail.
+    public var maxRetries: Int
+    public var python: Python
+    /// Free-form settings handed to the handler's context as a dict (`config:` in `sidecar.yaml`).
+    public var handlerConfig: JSONValue
+
+    public struct Batching: Sendable, Equatable {
+        /// The most items one batch may carry (default 64).
+        public var maxBatchSize: Int = 64
+        /// How long a free worker waits for a batch to fill, counted from the oldest queued item's
+        /// arrival (default 0: a free worker takes whatever is queued at once).
+        public var maxDelay: Duration = .zero
+        /// The most items that may wait in the queue; past it requests are refused (default 10000).
+        public var maxQueue: Int = 10_000
+    }
+
+    public struct Timeouts: Sendable, Equatable {
+        /// How long a worker may take to load the handler and say it is ready (default 120 s).
+        public var startup: Duration = .seconds(120)
+        /// How often the supervisor pings each worker's Python loop (default 1 s).
+        public var pingInterval: Duration = .seconds(1)
+        /// How long a worker may leave a ping unanswered before it is declared hung (default 30 s).
+        public var pingTimeout: Duration = .seconds(30)
+        /// On shutdown, how long in-flight batches may run before workers are killed (default 30 s).
+        public var shutdownGrace: Duration = .seconds(30)
+    }
+
+    public struct Python: Sendable, Equatable {
+        /// The interpreter for the model's virtual environment; nil means the one that matches the
+        /// system libpython (see ``PythonEnvironment``).
+        public var interpreter: String?
+        /// Extra arguments for `pip install`, e.g. `["--no-index", "--find-links", "/wheels"]`.
+        public var pipArgs: [String] = []
+    }
+
+    /// The configuration a directory gets when it has no `sidecar.yaml`.
+    public static func defaults(name: String) -> ModelConfiguration {
+        ModelConfiguration(
+            name: name, handler: "handler:predict", workers: 1, batching: Batching(),
+            timeouts: Timeouts(), maxRetries: 2, python: Python(), handlerConfig: JSONValue(trusted: Data("{}".utf8)))
+    }
+
+    /// Parses `yaml`, the text of the file at `file` (named in errors).
+    public static func parse(yaml: String, file: String, defaultName: String) throws -> ModelConfiguration {
+        var parser = ConfigReader(file: file)
+        return try parser.read(yaml: yaml, defaultName: defaultName)
+    }
+}
+
+/// Walks the YAML tree with the path of the current key, so every error can say where it is.
+private struct ConfigReader {
+    let file: String
+
+    func fail(_ key: String, _ expected: String, got node: Yams.Node?) -> SidecarError {
+        let line = node?.mark.map { " (line \($0.line))" } ?? ""
+        let got = node.map { " got \(describe($0))" } ?? ""
+        return SidecarError(.invalidModel, "\(file)\(line): '\(key)' must be \(expected);\(got)")
+    }
+
+    func describe(_ node: Yams.Node) -> String {
+        switch node {
+        case .scalar(let scalar): return "'\(scalar.string)'"
+        case .mapping: return "a mapping"
+        case .sequence: return "a list"
+        case .alias: return "an alias"
+        }
+    }
+
+    func mapping(_ node: Yams.Node, key: String, allowed: [String]) throws -> [(String, Yams.Node)] {
+        guard let mapping = node.mapping else {
+            throw fail(key.isEmpty ? "the top level" : key, "a mapping of keys", got: node)
+        }
+        var pairs: [(String, Yams.Node)] = []
+        for (k, v) in mapping {
+            guard let name = k.string else { throw fail(key, "a mapping with string keys", got: k) }
+            let path = key.isEmpty ? name : "\(key).\(name)"
+            guard allowed.contains(name) else {
+                let line = k.mark.map { " (line \($0.line))" } ?? ""
+                throw SidecarError(
+                    .invalidModel,
+                    "\(file)\(line): unknown key '\(path)'; expected one of: \(allowed.joined(separator: ", "))")
+            }
+            pairs.append((name, v))
+        }
+        return pairs
+    }
+
+    func string(_ node: Yams.Node, key: String) throws -> String {
+        guard case .scalar(let scalar) = node, !scalar.string.isEmpty else { throw fail(key, "a non-empty string", got: node) }
+        return scalar.string
+    }
+
+    func int(_ node: Yams.Node, key: String, range: ClosedRange<Int>) throws -> Int {
+        guard case .scalar = node, let value = node.int, range.contains(value) else {
+            throw fail(key, "an integer from \(range.lowerBound) to \(range.upperBound)", got: node)
+        }
+        return value
+    }
+
+    func seconds(_ node: Yams.Node, key: String, milliseconds: Bool = false, allowZero: Bool = false) throws -> Duration {
+        guard case .scalar = node, let value = node.float, value.isFinite, value > 0 || (allowZero && value == 0) else {
+            let unit = milliseconds ? "milliseconds" : "seconds"
+            throw fail(key, allowZero ? "a number of \(unit), 0 or more" : "a positive number of \(unit)", got: node)
+        }
+        return milliseconds ? .microseconds(Int64(value * 1000)) : .milliseconds(Int64(value * 1000))
+    }
+
+    mutating func read(yaml: String, defaultName: String) throws -> ModelConfiguration {
+        var config = ModelConfiguration.defaults(name: defaultName)
+        let root: Yams.Node?
+        do {
+            root = try Yams.compose(yaml: yaml)
+        } catch {
+            throw SidecarError(.invalidModel, "\(file): not valid YAML: \(error)")
+        }
+        guard let root else { return config }  // an empty file means all defaults
+        let top = ["name", "handler", "workers", "max_retries", "batching", "timeouts", "python", "config"]
+        for (key, value) in try mapping(root, key: "", allowed: top) {
+            switch key {
+            case "name":
+                let name = try string(value, key: key)
+                guard name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+                    throw fail(key, "letters, digits, '-', '_' or '.' (it appears in URLs)", got: value)
+                }
+                config.name = name
+            case "handler":
+                let entry = try string(value, key: key)
+                let parts = entry.split(separator: ":", omittingEmptySubsequences: false)
+                guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty else {
+                    throw fail(key, "an entry point 'module:attribute', e.g. 'handler:predict'", got: value)
+                }
+                config.handler = entry
+            case "workers":
+                config.workers = try int(value, key: key, range: 1...256)
+            case "max_retries":
+                config.maxRetries = try int(value, key: key, range: 0...100)
+            case "batching":
+                for (k, v) in try mapping(value, key: key, allowed: ["max_batch_size", "max_delay_ms", "max_queue"]) {
+                    let path = "batching.\(k)"
+                    switch k {
+                    case "max_batch_size": config.batching.maxBatchSize = try int(v, key: path, range: 1...65_536)
+                    case "max_delay_ms": config.batching.maxDelay = try seconds(v, key: path, milliseconds: true, allowZero: true)
+                    default: config.batching.maxQueue = try int(v, key: path, range: 1...100_000_000)
+                    }
+                }
+            case "timeouts":
+                let keys = ["startup_s", "ping_interval_s", "ping_timeout_s", "shutdown_grace_s"]
+                for (k, v) in try mapping(value, key: key, allowed: keys) {
+                    let d = try seconds(v, key: "timeouts.\(k)")
+                    switch k {
+                    case "startup_s": config.timeouts.startup = d
+                    case "ping_interval_s": config.timeouts.pingInterval = d
+                    case "ping_timeout_s": config.timeouts.pingTimeout = d
+                    default: config.timeouts.shutdownGrace = d
+                    }
+                }
+            case "python":
+                for (k, v) in try mapping(value, key: key, allowed: ["interpreter", "pip_args"]) {
+                    if k == "interpreter" {
+                        config.python.interpreter = try string(v, key: "python.interpreter")
+                    } else {
+                        guard case .sequence(let seq) = v else { throw fail("python.pip_args", "a list of strings", got: v) }
+                        config.python.pipArgs = try seq.map { try string($0, key: "python.pip_args") }
+                    }
+                }
+            default:  // config
+                guard value.mapping != nil else { throw fail(key, "a mapping (handed to the handler as a dict)", got: value) }
+                let object = try jsonObject(value, key: key)
+                config.handlerConfig = JSONValue(trusted: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
+            }
+        }
+        return config
+    }
+
+    /// YAML → Foundation objects that JSONSerialization accepts, keeping YAML's scalar types.
+    func jsonObject(_ node: Yams.Node, key: String) throws -> Any {
+        switch node {
+        case .mapping(let mapping):
+            var dict: [String: Any] = [:]
+            for (k, v) in mapping {
+                guard let name = k.string else { throw fail(key, "a mapping with string keys", got: k) }
+                dict[name] = try jsonObject(v, key: "\(key).\(name)")
+            }
+            return dict
+        case .sequence(let seq):
+            return try seq.map { try jsonObject($0, key: key) }
+        case .scalar(let scalar):
+            if scalar.style == .plain {
+                if node.null != nil { return NSNull() }
+                if let b = node.bool { return b }
+                if let i = node.int { return i }
+                if let f = node.float, f.isFinite { return f }
+            }
+            return scalar.string
+        case .alias:
+            throw fail(key, "plain values (YAML aliases are not supported)", got: node)
+        }
+    }
+}

@@ -1,0 +1,88 @@
+import Synchronization
+
+/// The batches one worker is running, at most `capacity` (2) at a time, so that the worker decodes
+/// the next batch while it computes the current one, and no worker hoards the queue.
+final class InFlightWindow: Sendable {
+    let capacity: Int
+
+    private struct State {
+        var jobs: [UInt64: BatchJob] = [:]
+        var roomWaiter: CheckedContinuation<Void, Never>?
+        var emptyWaiters: [CheckedContinuation<Void, Never>] = []
+        var closed = false
+    }
+
+    private let state = Mutex(State())
+
+    init(capacity: Int) { self.capacity = capacity }
+
+    var count: Int { state.withLock { $0.jobs.count } }
+
+    /// Returns once fewer than `capacity` batches are in flight (or the window is closed).
+    func waitForRoom() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready = state.withLock { state -> Bool in
+                if state.closed || state.jobs.count < capacity { return true }
+                state.roomWaiter = continuation
+                return false
+            }
+            if ready { continuation.resume() }
+        }
+    }
+
+    /// Records a dispatched batch; false if the window was closed meanwhile (the worker is gone).
+    func add(_ job: BatchJob) -> Bool {
+        state.withLock { state in
+            guard !state.closed else { return false }
+            state.jobs[job.id] = job
+            return true
+        }
+    }
+
+    /// Removes an answered batch and wakes whoever waits for room or for an empty window.
+    func remove(_ id: UInt64) -> BatchJob? {
+        let (job, wake): (BatchJob?, [CheckedContinuation<Void, Never>]) = state.withLock { state in
+            let job = state.jobs.removeValue(forKey: id)
+            var wake: [CheckedContinuation<Void, Never>] = []
+            if let waiter = state.roomWaiter, state.jobs.count < capacity {
+                wake.append(waiter)
+                state.roomWaiter = nil
+            }
+            if state.jobs.isEmpty {
+                wake += state.emptyWaiters
+                state.emptyWaiters = []
+            }
+            return (job, wake)
+        }
+        for waiter in wake { waiter.resume() }
+        return job
+    }
+
+    /// Waits until every dispatched batch has been answered.
+    func waitUntilEmpty() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let ready = state.withLock { state -> Bool in
+                if state.jobs.isEmpty || state.closed { return true }
+                state.emptyWaiters.append(continuation)
+                return false
+            }
+            if ready { continuation.resume() }
+        }
+    }
+
+    /// Closes the window for good and returns the batches that never got an answer.
+    func close() -> [BatchJob] {
+        let (jobs, wake): ([BatchJob], [CheckedContinuation<Void, Never>]) = state.withLock { state in
+            state.closed = true
+            let jobs = state.jobs.values.sorted { $0.id < $1.id }
+            state.jobs = [:]
+            var wake = state.emptyWaiters
+            if let waiter = state.roomWaiter { wake.append(waiter) }
+            state.roomWaiter = nil
+            state.emptyWaiters = []
+            return (jobs, wake)
+        }
+        for waiter in wake { waiter.resume() }
+        return jobs
+    }
+}

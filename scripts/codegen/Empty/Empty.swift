@@ -1,0 +1,1 @@
+// Empty: the package exists to build its dependencies' protoc plugins.
