@@ -9,8 +9,8 @@ import Darwin
 
 /// An exclusive `flock` on a file, taken without blocking a thread: it polls, so that a second
 /// server waiting for another's environment build does not hold a cooperative thread hostage.
-struct FileLock: ~Copyable {
-    private let fd: Int32
+final class FileLock {
+    private var fd: Int32
 
     static func acquire(_ url: URL, logger: Logger) async throws -> FileLock {
         let fd = open(url.path, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
@@ -39,14 +39,12 @@ struct FileLock: ~Copyable {
 
     private init(fd: Int32) { self.fd = fd }
 
-    consuming func release() {
+    func release() {
+        guard fd >= 0 else { return }
         flock(fd, LOCK_UN)
         close(fd)
-        discard self
+        fd = -1
     }
 
-    deinit {
-        flock(fd, LOCK_UN)
-        close(fd)
-    }
+    deinit { release() }
 }

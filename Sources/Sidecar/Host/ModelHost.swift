@@ -1,0 +1,211 @@
+import Foundation
+import Logging
+import ServiceLifecycle
+import Synchronization
+
+/// Options for a ``ModelHost``.
+public struct HostOptions: Sendable {
+    public var environment: EnvironmentOptions
+    /// The largest message between the supervisor and a worker (default 256 MiB).
+    public var maxMessageBytes: Int
+    /// Where worker sockets go; default a fresh directory under `/tmp`.
+    public var socketDirectory: URL?
+
+    public init(environment: EnvironmentOptions = EnvironmentOptions(), maxMessageBytes: Int = 256 << 20, socketDirectory: URL? = nil) {
+        self.environment = environment
+        self.maxMessageBytes = maxMessageBytes
+        self.socketDirectory = socketDirectory
+    }
+}
+
+/// Owns the models of one node: builds their environments, runs their executors, unloads them.
+///
+/// The CLI, the library API and the network front all drive the same host. Its ``run()`` holds every
+/// executor's task, so nothing outlives it; ``withModelHost(options:logger:_:)`` runs it for the
+/// duration of a closure.
+public final class ModelHost: Service, Sendable {
+    public let options: HostOptions
+    let logger: Logger
+    let socketRoot: URL
+
+    private struct State {
+        var models: [String: Model] = [:]
+        var loading: Set<String> = []
+        var nextModelID = 0
+        var shuttingDown = false
+        var finished: [String: AsyncStream<Void>] = [:]
+    }
+
+    private let state = Mutex(State())
+    private let starts: AsyncStream<@Sendable () async -> Void>
+    private let startSink: AsyncStream<@Sendable () async -> Void>.Continuation
+
+    public init(options: HostOptions = HostOptions(), logger: Logger = Logger(label: "sidecar")) {
+        self.options = options
+        self.logger = logger
+        self.socketRoot = options.socketDirectory
+            ?? URL(fileURLWithPath: "/tmp/sidecar-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        (starts, startSink) = AsyncStream.makeStream()
+    }
+
+    /// Runs the executors of the loaded models until ``shutdown()``; on graceful shutdown of the
+    /// service group it unloads every model first.
+    public func run() async {
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { group in
+                for await start in starts {
+                    group.addTask { await start() }
+                }
+            }
+        } onGracefulShutdown: {
+            Task { await self.shutdown() }
+        }
+        try? FileManager.default.removeItem(at: socketRoot)
+    }
+
+    /// Names of the loaded models.
+    public var modelNames: [String] { state.withLock { $0.models.keys.sorted() } }
+
+    /// The loaded model called `name`.
+    public func model(named name: String) -> Model? { state.withLock { $0.models[name] } }
+
+    /// Loads the model directory at `path`: checks it, builds or reuses its environment, runs its
+    /// `init.sh`, starts its workers and returns once all of them are ready.
+    ///
+    /// - Parameter workers: overrides `workers` from `sidecar.yaml`.
+    @discardableResult
+    public func load(_ path: String, workers: Int? = nil, name: String? = nil) async throws -> Model {
+        var bundle = try ModelBundle(directory: path)
+        if let name { bundle.configuration.name = name }
+        if let workers {
+            guard workers >= 1 else { throw SidecarError(.invalidModel, "workers must be at least 1, got \(workers)") }
+            bundle.configuration.workers = workers
+        }
+        let modelName = bundle.configuration.name
+        let id: Int = try state.withLock { state in
+            guard !state.shuttingDown else { throw SidecarError(.unavailable, "the host is shutting down") }
+            guard state.models[modelName] == nil, !state.loading.contains(modelName) else {
+                throw SidecarError(.invalidModel, "a model named '\(modelName)' is already loaded; unload it first or give this one another name")
+            }
+            state.loading.insert(modelName)
+            state.nextModelID += 1
+            return state.nextModelID
+        }
+        defer { state.withLock { _ = $0.loading.remove(modelName) } }
+
+        var modelLogger = logger
+        modelLogger[metadataKey: "model"] = "\(modelName)"
+        let environment = try await EnvironmentBuilder(options: options.environment, logger: modelLogger).prepare(bundle)
+
+        let socketDirectory = socketRoot.appendingPathComponent("\(id)")
+        try FileManager.default.createDirectory(at: socketDirectory, withIntermediateDirectories: true)
+        let config = bundle.configuration
+        let batcher = Batcher(modelName: modelName, batching: config.batching, maxRetries: config.maxRetries)
+        let spec = WorkerSpec(
+            model: modelName, python: environment.python, modelDirectory: bundle.directory, handler: config.handler,
+            handlerConfig: config.handlerConfig, socketDirectory: socketDirectory, timeouts: config.timeouts,
+            maxMessageBytes: options.maxMessageBytes, window: 2)
+        let pool = WorkerPool(spec: spec, size: config.workers, batcher: batcher, logger: modelLogger)
+        let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool)
+
+        let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
+        state.withLock { $0.finished[modelName] = finished }
+        modelLogger.info("starting \(config.workers) worker(s)")
+        startSink.yield {
+            await pool.run()
+            finishedSink.finish()
+        }
+        do {
+            try await pool.waitUntilReady()
+        } catch {
+            pool.stop()
+            for await _ in finished {}
+            state.withLock { _ = $0.finished.removeValue(forKey: modelName) }
+            throw error
+        }
+        state.withLock { $0.models[modelName] = model }
+        modelLogger.info("model ready", metadata: ["workers": "\(config.workers)", "environment": "\(environment.directory.path)"])
+        return model
+    }
+
+    /// Stops taking requests for `name`, lets queued and in-flight items finish, stops its workers,
+    /// then runs its `cleanup.sh`.
+    public func unload(_ name: String) async throws {
+        let (model, finished) = state.withLock { state in
+            (state.models.removeValue(forKey: name), state.finished.removeValue(forKey: name))
+        }
+        guard let model else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
+        model.executor.stop()
+        if let finished { for await _ in finished {} }
+        if let cleanup = model.bundle.cleanupScript {
+            var modelLogger = logger
+            modelLogger[metadataKey: "model"] = "\(name)"
+            let outcome = try? await ProcessRunner.run(
+                "/bin/bash", [cleanup.path], workingDirectory: model.bundle.directory,
+                environment: HookEnvironment.variables(bundle: model.bundle, environment: model.environment),
+                logger: modelLogger, label: "cleanup.sh")
+            if let outcome, !outcome.succeeded {
+                modelLogger.error("\(cleanup.path) failed (\(outcome.status))")
+            }
+        }
+        logger.info("model unloaded", metadata: ["model": "\(name)"])
+    }
+
+    /// Unloads every model and ends ``run()``.
+    public func shutdown() async {
+        let names: [String] = state.withLock { state in
+            state.shuttingDown = true
+            return Array(state.models.keys)
+        }
+        await withDiscardingTaskGroup { group in
+            for name in names {
+                group.addTask { try? await self.unload(name) }
+            }
+        }
+        startSink.finish()
+    }
+}
+
+/// Runs a ``ModelHost`` for the duration of `body`, then unloads every model and stops every worker.
+public func withModelHost<Result: Sendable>(
+    options: HostOptions = HostOptions(),
+    logger: Logger = Logger(label: "sidecar"),
+    _ body: (ModelHost) async throws -> Result
+) async throws -> Result {
+    let host = ModelHost(options: options, logger: logger)
+    return try await withThrowingTaskGroup(of: Void.self, returning: Result.self) { group in
+        group.addTask { await host.run() }
+        let result: Result
+        do {
+            result = try await body(host)
+        } catch {
+            await host.shutdown()
+            try? await group.waitForAll()
+            throw error
+        }
+        await host.shutdown()
+        try await group.waitForAll()
+        return result
+    }
+}
+
+/// Loads the model directory at `path` with `workers` worker processes, runs `body` with it, then
+/// stops the workers.
+///
+/// ```swift
+/// let predictions = try await withModel(at: "Examples/echo", workers: 2) { model in
+///     try await model.predict(batch: items)
+/// }
+/// ```
+public func withModel<Result: Sendable>(
+    at path: String,
+    workers: Int? = nil,
+    options: HostOptions = HostOptions(),
+    logger: Logger = Logger(label: "sidecar"),
+    _ body: (Model) async throws -> Result
+) async throws -> Result {
+    try await withModelHost(options: options, logger: logger) { host in
+        let model = try await host.load(path, workers: workers)
+        return try await body(model)
+    }
+}

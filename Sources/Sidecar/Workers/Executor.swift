@@ -1,0 +1,13 @@
+/// Runs a model's batches. The batcher hands batches to an executor; a pool of Python worker
+/// processes (``WorkerPool``) is one implementation, and an embedded CPython interpreter will be
+/// another, so the host drives both the same way.
+protocol Executor: Sendable {
+    /// Serves batches until the executor is stopped. Runs for the model's whole life.
+    func run() async
+    /// Returns once the executor can serve, or throws why it cannot (the handler failed to load).
+    func waitUntilReady() async throws
+    /// Stops taking new batches, lets the ones in flight finish, then stops. ``run()`` returns after.
+    func stop()
+    /// One status per worker.
+    var workers: [WorkerStatus] { get }
+}

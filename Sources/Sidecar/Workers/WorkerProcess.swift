@@ -1,0 +1,389 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Logging
+import SidecarWorkerProtocol
+import Subprocess
+import Synchronization
+
+#if canImport(System)
+import System
+#else
+import SystemPackage
+#endif
+
+/// How to start the workers of one model.
+struct WorkerSpec: Sendable {
+    let model: String
+    let python: URL
+    let modelDirectory: URL
+    let handler: String
+    let handlerConfig: JSONValue
+    /// Where the workers' Unix sockets go (short: socket paths are limited to ~100 bytes).
+    let socketDirectory: URL
+    let timeouts: ModelConfiguration.Timeouts
+    let maxMessageBytes: Int
+    /// Batches one worker may have in flight.
+    let window: Int
+}
+
+/// How one worker process ended.
+struct WorkerExit: Sendable {
+    var becameReady: Bool
+    /// The handler failed to load: the Python error and traceback.
+    var loadError: PredictionError?
+    /// One line: "exited with status 1", "killed by signal 9", "hung: no pong for 30 s".
+    var reason: String
+    /// What the process last wrote to stderr, for errors before the handler could report anything.
+    var stderrTail: [String]
+}
+
+/// One life of one Python worker process: spawn it in its own process group, connect its session,
+/// feed it batches from the batcher until it exits or is told to stop, then make sure the whole
+/// process group is gone. The supervisor starts a new `WorkerProcess` for the next life.
+final class WorkerProcess: Sendable {
+    let spec: WorkerSpec
+    let index: Int
+    let generation: Int
+    let batcher: Batcher
+    let window: InFlightWindow
+    let logger: Logger
+    private let status: LockedBox<WorkerStatus>
+    private let onReady: @Sendable () -> Void
+
+    private struct Session {
+        var pid: pid_t = 0
+        var ready = false
+        var loadError: PredictionError?
+        var endReason: String?
+        var lastPong = ContinuousClock.now
+        var stopping = false
+        var outbox: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation?
+    }
+
+    private let session = Mutex(Session())
+
+    init(
+        spec: WorkerSpec, index: Int, generation: Int, batcher: Batcher, status: LockedBox<WorkerStatus>,
+        logger: Logger, onReady: @escaping @Sendable () -> Void
+    ) {
+        self.spec = spec
+        self.index = index
+        self.generation = generation
+        self.batcher = batcher
+        self.window = InFlightWindow(capacity: spec.window)
+        self.status = status
+        var logger = logger
+        logger[metadataKey: "worker"] = "\(index)"
+        self.logger = logger
+        self.onReady = onReady
+    }
+
+    var socketPath: String { spec.socketDirectory.appendingPathComponent("w\(index)-\(generation).sock").path }
+
+    /// Asks the worker to finish its in-flight batches and exit. Queued items stay in the batcher for
+    /// the other workers.
+    func stop() {
+        let outbox: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation? = session.withLock {
+            $0.stopping = true
+            return $0.outbox
+        }
+        status.withLock { $0.state = .draining }
+        // Wake the dispatcher if it waits for room; it sees `stopping` and sends Shutdown.
+        outbox?.yield(Sidecar_Worker_V1_SupervisorMessage.with { $0.ping = .with { $0.nonce = 0 } })
+    }
+
+    /// Runs the process to its end. Batches it had in flight are left in `window` for the caller to
+    /// hand back to the batcher.
+    func run() async -> WorkerExit {
+        try? FileManager.default.removeItem(atPath: socketPath)
+        let stderrTail = LineTail(limit: 40)
+        var options = PlatformOptions()
+        options.processGroupID = 0  // its own group, so that killing the group also kills its children
+        let arguments = [
+            "-m", "sidecar_worker", "--socket", socketPath, "--model-dir", spec.modelDirectory.path,
+            "--handler", spec.handler, "--model-name", spec.model, "--worker-index", "\(index)",
+            "--config-json", spec.handlerConfig.json, "--max-message-bytes", "\(spec.maxMessageBytes)",
+        ]
+        let termination: String
+        do {
+            let result = try await Subprocess.run(
+                .path(FilePath(spec.python.path)),
+                arguments: Arguments(arguments),
+                environment: .inherit.updating(["PYTHONUNBUFFERED": "1"]),
+                workingDirectory: FilePath(spec.modelDirectory.path),
+                platformOptions: options,
+                input: .inputWriter,  // held open: the worker exits when it reads EOF (we died)
+                output: .sequence,
+                error: .sequence
+            ) { execution in
+                let pid = execution.processIdentifier.value
+                session.withLock { $0.pid = pid }
+                status.withLock {
+                    $0.pid = pid
+                    $0.state = .starting
+                }
+                logger.debug("worker process started", metadata: ["pid": "\(pid)"])
+                await supervise(execution: execution, pid: pid, stderrTail: stderrTail)
+                try? await execution.standardInputWriter.finish()
+            }
+            termination = Self.describe(result.terminationStatus)
+        } catch {
+            termination = "could not be started: \(error)"
+        }
+        try? FileManager.default.removeItem(atPath: socketPath)
+        let end = session.withLock { $0 }
+        let reason = end.endReason.map { "\($0); the process \(termination)" } ?? "the process \(termination)"
+        status.withLock {
+            $0.state = .stopped
+            $0.pid = nil
+        }
+        return WorkerExit(becameReady: end.ready, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines)
+    }
+
+    private enum Finished { case processGone, sessionEnded, killed }
+
+    private func supervise(
+        execution: Execution<CustomWriteInput, SequenceOutput, SequenceOutput>, pid: pid_t, stderrTail: LineTail
+    ) async {
+        let logger = self.logger
+        await withTaskGroup(of: Finished.self) { group in
+            group.addTask {
+                // Both pipes reach EOF when the process (and any child holding them) is gone.
+                await withTaskGroup(of: Void.self) { pumps in
+                    pumps.addTask {
+                        do {
+                            for try await line in execution.standardOutput.strings() {
+                                logger.info("\(line)", metadata: ["stream": "stdout"])
+                            }
+                        } catch {}
+                    }
+                    pumps.addTask {
+                        do {
+                            for try await line in execution.standardError.strings() {
+                                logger.info("\(line)", metadata: ["stream": "stderr"])
+                                stderrTail.append(line)
+                            }
+                        } catch {}
+                    }
+                }
+                return .processGone
+            }
+            group.addTask {
+                await self.runSession(pid: pid)
+                return .sessionEnded
+            }
+            let first = await group.next()
+            if first == .sessionEnded {
+                // The worker was told to stop, or its stream broke: let it exit by itself, briefly.
+                let grace = session.withLock { $0.stopping } ? Duration.seconds(5) : .seconds(1)
+                group.addTask {
+                    try? await Task.sleep(for: grace)
+                    return .killed
+                }
+                if await group.next() == .killed {
+                    Self.killGroup(pid, logger: logger)
+                }
+            }
+            // Whatever is left of the group (children the handler spawned) goes too.
+            Self.killGroup(pid, logger: logger)
+            group.cancelAll()
+        }
+    }
+
+    static func killGroup(_ pid: pid_t, logger: Logger) {
+        guard pid > 0 else { return }
+        _ = kill(-pid, SIGKILL)
+    }
+
+    private static func describe(_ status: TerminationStatus) -> String {
+        switch status {
+        case .exited(let code): return code == 0 ? "exited normally" : "exited with status \(code)"
+        case .signaled(let signal): return "was killed by signal \(signal)\(signal == SIGKILL ? " (SIGKILL)" : signal == SIGSEGV ? " (SIGSEGV)" : "")"
+        }
+    }
+
+    // MARK: The session
+
+    private func setEndReason(_ reason: String) {
+        session.withLock { if $0.endReason == nil { $0.endReason = reason } }
+    }
+
+    private func runSession(pid: pid_t) async {
+        let deadline = ContinuousClock.now.advanced(by: spec.timeouts.startup)
+        while !FileManager.default.fileExists(atPath: socketPath) {
+            if Task.isCancelled { return }
+            if ContinuousClock.now > deadline {
+                setEndReason("did not open its socket within \(spec.timeouts.startup)")
+                return
+            }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+        let (outbox, sink) = AsyncStream.makeStream(of: Sidecar_Worker_V1_SupervisorMessage.self)
+        session.withLock { $0.outbox = sink }
+        var options = CallOptions.defaults
+        options.maxRequestMessageBytes = spec.maxMessageBytes
+        options.maxResponseMessageBytes = spec.maxMessageBytes
+        do {
+            let transport = try HTTP2ClientTransport.Posix(
+                target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+            try await withGRPCClient(transport: transport) { client in
+                let worker = Sidecar_Worker_V1_Worker.Client(wrapping: client)
+                try await worker.session(
+                    options: options,
+                    requestProducer: { writer in
+                        for await message in outbox { try await writer.write(message) }
+                    },
+                    onResponse: { response in
+                        try await self.serve(response.messages, sink: sink, pid: pid)
+                    })
+                client.beginGracefulShutdown()
+            }
+        } catch is CancellationError {
+        } catch {
+            setEndReason("its session failed: \(error)")
+        }
+        sink.finish()
+    }
+
+    /// Reads the worker's messages; once it is ready, also runs the dispatcher and the pinger.
+    private func serve(
+        _ messages: RPCAsyncSequence<Sidecar_Worker_V1_WorkerMessage, any Error>,
+        sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation, pid: pid_t
+    ) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            let startupDeadline = ContinuousClock.now.advanced(by: spec.timeouts.startup)
+            tasks.addTask { await self.ping(sink: sink, pid: pid, startupDeadline: startupDeadline) }
+            for try await message in messages {
+                switch message.kind {
+                case .hello(let hello):
+                    status.withLock { $0.pythonVersion = hello.pythonVersion }
+                    if hello.protocolVersion != 1 {
+                        setEndReason("speaks worker protocol \(hello.protocolVersion), expected 1 (mismatched sidecar_worker runtime)")
+                        sink.finish()
+                    }
+                case .ready(let ready):
+                    session.withLock { $0.ready = true; $0.lastPong = .now }
+                    status.withLock { $0.state = .ready }
+                    logger.info("worker ready", metadata: ["pid": "\(pid)", "load_seconds": "\(String(format: "%.2f", ready.loadSeconds))"])
+                    onReady()
+                    tasks.addTask { await self.dispatch(sink: sink) }
+                case .loadFailed(let failed):
+                    let error = PredictionError(
+                        kind: .handlerError, type: failed.error.type, message: failed.error.message,
+                        traceback: failed.error.traceback.isEmpty ? nil : failed.error.traceback)
+                    session.withLock { $0.loadError = error }
+                    setEndReason("the handler failed to load: \(failed.error.type): \(failed.error.message)")
+                    sink.finish()
+                case .result(let result):
+                    guard let job = window.remove(result.id) else {
+                        logger.warning("result for unknown batch \(result.id) ignored")
+                        continue
+                    }
+                    status.withLock { $0.batchesServed += 1 }
+                    job.deliver(BatchResultDecoder.results(of: result, count: job.count))
+                case .pong:
+                    session.withLock { $0.lastPong = .now }
+                case .log(let record):
+                    logger.log(level: Self.level(record.level), "\(record.message)", metadata: ["logger": "\(record.logger)"])
+                case nil:
+                    break
+                }
+            }
+            tasks.cancelAll()
+        }
+    }
+
+    /// Feeds the worker: whenever it has room, take what is queued (up to max_batch_size) and send it.
+    private func dispatch(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation) async {
+        while !Task.isCancelled {
+            await window.waitForRoom()
+            if session.withLock({ $0.stopping }) || Task.isCancelled { break }
+            guard let job = await batcher.nextBatch() else { break }
+            guard window.add(job) else {
+                batcher.requeue(job, reason: "worker \(index) stopped")
+                return
+            }
+            var message = Sidecar_Worker_V1_SupervisorMessage()
+            message.batch = .with {
+                $0.id = job.id
+                $0.items = job.items
+            }
+            sink.yield(message)
+        }
+        guard !Task.isCancelled else { return }
+        // Stopping (or the model closed): let the batches in flight finish, then say goodbye.
+        status.withLock { $0.state = .draining }
+        await window.waitUntilEmpty()
+        sink.yield(.with { $0.shutdown = .init() })
+        sink.finish()
+    }
+
+    /// Pings the Python loop; a worker that leaves pings unanswered past ping_timeout is hung (a
+    /// deadlock, a GIL held forever, SIGSTOP) and its process group is killed.
+    private func ping(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation, pid: pid_t, startupDeadline: ContinuousClock.Instant) async {
+        var nonce: UInt64 = 0
+        while !Task.isCancelled {
+            try? await Task.sleep(for: spec.timeouts.pingInterval)
+            if Task.isCancelled { return }
+            let (ready, lastPong) = session.withLock { ($0.ready, $0.lastPong) }
+            if !ready, ContinuousClock.now > startupDeadline {
+                setEndReason("did not become ready within \(spec.timeouts.startup) (timeouts.startup_s)")
+                Self.killGroup(pid, logger: logger)
+                return
+            }
+            if ready, ContinuousClock.now - lastPong > spec.timeouts.pingTimeout {
+                logger.error("worker hung: no answer to pings for \(spec.timeouts.pingTimeout); killing it", metadata: ["pid": "\(pid)"])
+                setEndReason("hung: no answer to pings for \(spec.timeouts.pingTimeout) (timeouts.ping_timeout_s)")
+                Self.killGroup(pid, logger: logger)
+                return
+            }
+            nonce += 1
+            let n = nonce
+            sink.yield(.with { $0.ping = .with { $0.nonce = n } })
+        }
+    }
+
+    private static func level(_ python: Int32) -> Logger.Level {
+        switch python {
+        case ..<10: return .trace
+        case ..<20: return .debug
+        case ..<30: return .info
+        case ..<40: return .warning
+        case ..<50: return .error
+        default: return .critical
+        }
+    }
+}
+
+/// Turns a worker's BatchResult into one result per item.
+enum BatchResultDecoder {
+    static func results(of result: Sidecar_Worker_V1_BatchResult, count: Int) -> [ItemResult] {
+        if result.hasBatchError {
+            let error = result.batchError
+            let kind: PredictionError.Kind = (error.type == "WrongLength" || error.type == "WrongType") ? .wrongLength : .handlerError
+            return Array(
+                repeating: .failure(
+                    PredictionError(kind: kind, type: error.type, message: error.message, traceback: error.traceback.isEmpty ? nil : error.traceback)),
+                count: count)
+        }
+        let outputs = result.outputs
+        guard let ranges = try? JSONArraySplitter.split(outputs), ranges.count == count else {
+            return Array(
+                repeating: .failure(
+                    PredictionError(
+                        kind: .handlerError, type: "ProtocolError",
+                        message: "the worker answered a batch of \(count) items with malformed outputs")),
+                count: count)
+        }
+        var results = [ItemResult]()
+        results.reserveCapacity(count)
+        for range in ranges { results.append(.success(JSONValue(trusted: outputs.subdata(in: range)))) }
+        for itemError in result.itemErrors where Int(itemError.index) < count {
+            let e = itemError.error
+            results[Int(itemError.index)] = .failure(
+                PredictionError(kind: .invalidItem, type: e.type, message: e.message, traceback: e.traceback.isEmpty ? nil : e.traceback))
+        }
+        return results
+    }
+}

@@ -1,0 +1,112 @@
+import Foundation
+import Testing
+@testable import Sidecar
+
+/// The batcher on its own: no processes, a test plays the worker.
+@Suite struct BatcherTests {
+    func batcher(maxBatch: Int = 4, maxQueue: Int = 100, delay: Duration = .zero, retries: Int = 2) -> Batcher {
+        var batching = ModelConfiguration.Batching()
+        batching.maxBatchSize = maxBatch
+        batching.maxQueue = maxQueue
+        batching.maxDelay = delay
+        return Batcher(modelName: "t", batching: batching, maxRetries: retries)
+    }
+
+    func items(_ values: ClosedRange<Int>) -> [JSONValue] { values.map { Fixtures.json("\($0)") } }
+
+    /// Echoes a batch back as results.
+    func answer(_ job: BatchJob) {
+        job.deliver(job.items.map { .success(JSONValue(trusted: $0)) })
+    }
+
+    @Test func freeWorkerTakesEverythingQueuedUpToMax() async throws {
+        let b = batcher(maxBatch: 4)
+        async let first = b.submit(items(1...3))
+        async let second = b.submit(items(4...6))
+        #expect(await eventually { b.queuedItems == 6 })
+        let job1 = try #require(await b.nextBatch())
+        #expect(job1.count == 4)  // 3 from the first request, 1 from the second
+        let job2 = try #require(await b.nextBatch())
+        #expect(job2.count == 2)
+        answer(job2)
+        answer(job1)
+        #expect(try await first.map { try $0.get().json } == ["1", "2", "3"])
+        #expect(try await second.map { try $0.get().json } == ["4", "5", "6"])
+    }
+
+    @Test func waitingWorkerWakesWhenItemsArrive() async throws {
+        let b = batcher()
+        let worker = Task { await b.nextBatch() }
+        try await Task.sleep(for: .milliseconds(50))
+        async let result = b.submit(items(7...7))
+        let job = try #require(await worker.value)
+        answer(job)
+        #expect(try await result[0].get().json == "7")
+    }
+
+    @Test func lingerWaitsForTheBatchToFillButNotPastTheDelay() async throws {
+        let b = batcher(maxBatch: 10, delay: .milliseconds(200))
+        let start = ContinuousClock.now
+        async let result = b.submit(items(1...2))
+        let job = try #require(await b.nextBatch())
+        #expect(ContinuousClock.now - start >= .milliseconds(150))
+        #expect(job.count == 2)
+        answer(job)
+        _ = try await result
+    }
+
+    @Test func fullQueueIsRefusedAtOnce() async throws {
+        let b = batcher(maxQueue: 5)
+        let waiting = Task { try await b.submit(items(1...4)) }
+        #expect(await eventually { b.queuedItems == 4 })
+        let error = await #expect(throws: SidecarError.self) { try await b.submit(items(5...6)) }
+        #expect(error?.code == .queueFull)
+        #expect(error?.message.contains("max_queue") == true)
+        waiting.cancel()
+        _ = await waiting.result
+    }
+
+    @Test func cancellingACallerWithdrawsItsQueuedItems() async throws {
+        let b = batcher()
+        let caller = Task { try await b.submit(items(1...3)) }
+        #expect(await eventually { b.queuedItems == 3 })
+        caller.cancel()
+        await #expect(throws: CancellationError.self) { try await caller.value }
+        #expect(b.queuedItems == 0)
+    }
+
+    @Test func requeuedBatchGoesFirstAndFailsAfterMaxRetries() async throws {
+        let b = batcher(maxBatch: 10, retries: 1)
+        async let early = b.submit(items(1...2))
+        #expect(await eventually { b.queuedItems == 2 })
+        let job = try #require(await b.nextBatch())
+        async let late = b.submit(items(3...3))
+        #expect(await eventually { b.queuedItems == 1 })
+        b.requeue(job, reason: "worker died")
+        let retry = try #require(await b.nextBatch())
+        #expect(retry.items.map { String(decoding: $0, as: UTF8.self) } == ["1", "2", "3"])
+        b.requeue(retry, reason: "worker died again")  // items 1, 2: second death; item 3: first
+        let last = try #require(await b.nextBatch())
+        #expect(last.count == 1)
+        answer(last)
+        let earlyResults = try await early
+        for result in earlyResults {
+            guard case .failure(let error) = result else { Issue.record("expected a failure"); continue }
+            #expect(error.kind == .workerDied)
+            #expect(error.message.contains("max_retries: 1"))
+        }
+        #expect(try await late[0].get().json == "3")
+    }
+
+    @Test func closeDrainsThenEnds() async throws {
+        let b = batcher()
+        async let result = b.submit(items(1...1))
+        #expect(await eventually { b.queuedItems == 1 })
+        b.close()
+        await #expect(throws: SidecarError.self) { try await b.submit(items(2...2)) }
+        let job = try #require(await b.nextBatch())
+        answer(job)
+        #expect(await b.nextBatch() == nil)
+        _ = try await result
+    }
+}

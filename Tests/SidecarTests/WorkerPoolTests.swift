@@ -1,0 +1,240 @@
+import Foundation
+import Testing
+@testable import Sidecar
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// End to end with real Python worker processes over real gRPC on Unix sockets.
+@Suite(.serialized) struct WorkerPoolTests {
+    static let echo = ["handler.py": "def predict(batch):\n    return batch\n"]
+
+    func withTestModel<R: Sendable>(
+        _ files: [String: String], workers: Int = 1, _ body: (Model) async throws -> R
+    ) async throws -> R {
+        let dir = try Fixtures.model(files)
+        return try await withModel(at: dir.path, workers: workers, options: Fixtures.hostOptions, logger: Fixtures.logger, body)
+    }
+
+    @Test func echoRoundTrip() async throws {
+        try await withTestModel(Self.echo) { model in
+            let answer = try await model.predict(Fixtures.json(#"{"x": [1, 2.5, "three"], "y": null}"#))
+            let decoded = try JSONSerialization.jsonObject(with: answer.data) as! [String: Any]
+            #expect((decoded["x"] as! [Any]).count == 3)
+            #expect(decoded["y"] is NSNull)
+            #expect(model.workers.first?.state == .ready)
+            #expect(model.workers.first?.pythonVersion?.hasPrefix("3.") == true)
+        }
+    }
+
+    @Test func concurrentCallersEachGetTheirOwnAnswers() async throws {
+        try await withTestModel(["handler.py": "def predict(batch):\n    return [{'twice': item['n'] * 2} for item in batch]\n"], workers: 2) { model in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for caller in 0..<200 {
+                    group.addTask {
+                        let items = (0..<(caller % 7 + 1)).map { Fixtures.json(#"{"n": \#(caller * 100 + $0)}"#) }
+                        let results = try await model.predict(batch: items)
+                        for (offset, result) in results.enumerated() {
+                            let value = try result.get().decode([String: Int].self)
+                            #expect(value["twice"] == (caller * 100 + offset) * 2)
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            #expect(model.workers.allSatisfy { $0.batchesServed > 0 }, "both workers served: \(model.workers)")
+        }
+    }
+
+    @Test func classHandlerGetsContextPerWorker() async throws {
+        let handler = """
+            class Model:
+                def __init__(self, context):
+                    self.index = context.worker_index
+                    self.scale = context.config["scale"]
+                    self.name = context.model_name
+                    assert (context.model_dir / "handler.py").exists()
+                    context.logger.info("loaded")
+
+                def predict(self, batch):
+                    return [{"value": x * self.scale, "worker": self.index, "model": self.name} for x in batch]
+            """
+        try await withTestModel(["handler.py": handler, "sidecar.yaml": "handler: handler:Model\nconfig: {scale: 10}\n"]) { model in
+            let out = try await model.predict(Fixtures.json("4")).decode([String: AnyCodable].self)
+            #expect(out["value"]?.int == 40)
+            #expect(out["worker"]?.int == 0)
+            #expect(out["model"]?.string == model.name)
+        }
+    }
+
+    @Test func asyncHandler() async throws {
+        let handler = """
+            import asyncio
+
+            async def predict(batch):
+                await asyncio.sleep(0.01)
+                return [x + 1 for x in batch]
+            """
+        try await withTestModel(["handler.py": handler]) { model in
+            let results = try await model.predict(batch: [Fixtures.json("1"), Fixtures.json("2")])
+            #expect(try results.map { try $0.get().json } == ["2", "3"])
+        }
+    }
+
+    @Test func handlerExceptionCarriesTracebackAndWorkerStaysUp() async throws {
+        let handler = """
+            def predict(batch):
+                if any(item == "boom" for item in batch):
+                    raise ValueError("cannot handle boom")
+                return batch
+            """
+        try await withTestModel([("handler.py"): handler]) { model in
+            let pid = model.workers[0].pid
+            let error = await #expect(throws: PredictionError.self) { try await model.predict(Fixtures.json(#""boom""#)) }
+            #expect(error?.kind == .handlerError)
+            #expect(error?.type == "ValueError")
+            #expect(error?.message == "cannot handle boom")
+            #expect(error?.traceback?.contains("handler.py") == true)
+            #expect(error?.traceback?.contains("line 3") == true)
+            // The same worker keeps serving.
+            #expect(try await model.predict(Fixtures.json(#""fine""#)).json == #""fine""#)
+            #expect(model.workers[0].pid == pid)
+        }
+    }
+
+    @Test func wrongLengthIsAnErrorNotSilentLoss() async throws {
+        try await withTestModel(["handler.py": "def predict(batch):\n    return batch[:-1]\n"]) { model in
+            let results = try await model.predict(batch: [Fixtures.json("1"), Fixtures.json("2")])
+            for result in results {
+                guard case .failure(let error) = result else { Issue.record("a short return must fail every item"); continue }
+                #expect(error.kind == .wrongLength)
+                #expect(error.message.contains("1 results for a batch of 2"))
+            }
+        }
+    }
+
+    @Test func unserializableOutputFailsOnlyItsItem() async throws {
+        let handler = "def predict(batch):\n    return [object() if x == 2 else x for x in batch]\n"
+        try await withTestModel(["handler.py": handler]) { model in
+            let results = try await model.predict(batch: [Fixtures.json("1"), Fixtures.json("2"), Fixtures.json("3")])
+            #expect(try results[0].get().json == "1")
+            #expect(try results[2].get().json == "3")
+            guard case .failure(let error) = results[1] else { Issue.record("item 2 must fail"); return }
+            #expect(error.kind == .invalidItem)
+            #expect(error.type == "NotSerializable")
+        }
+    }
+
+    @Test func numpyOutputsAreConverted() async throws {
+        let handler = """
+            import numpy as np
+
+            def predict(batch):
+                return [{"array": np.arange(3) * x, "scalar": np.float32(x) / 2, "int": np.int64(x)} for x in batch]
+            """
+        try await withTestModel(["handler.py": handler, "requirements.txt": "numpy\n"]) { model in
+            let out = try await model.predict(Fixtures.json("2")).decode([String: AnyCodable].self)
+            #expect(out["array"]?.array == [0, 2, 4])
+            #expect(out["scalar"]?.double == 1.0)
+            #expect(out["int"]?.int == 2)
+        }
+    }
+
+    @Test func secondStartReusesTheEnvironment() async throws {
+        let first = try await withTestModel(Self.echo) { $0.environment }
+        let second = try await withTestModel(Self.echo) { $0.environment }
+        #expect(first.directory == second.directory)
+        #expect(second.wasBuilt == false)
+    }
+
+    @Test func killedWorkerIsReplacedAndModelKeepsAnswering() async throws {
+        try await withTestModel(Self.echo, workers: 2) { model in
+            let victim = try #require(model.workers[0].pid)
+            #expect(kill(victim, SIGKILL) == 0)
+            #expect(await eventually { model.workers[0].restarts == 1 && model.workers[0].state == .ready && model.workers[0].pid != victim })
+            #expect(model.workers[0].lastError?.contains("signal 9") == true)
+            for n in 0..<50 {
+                #expect(try await model.predict(Fixtures.json("\(n)")).json == "\(n)")
+            }
+        }
+    }
+
+    @Test func workerKilledMidBatchLosesNothing() async throws {
+        let handler = "import time\n\ndef predict(batch):\n    time.sleep(0.3)\n    return batch\n"
+        try await withTestModel(["handler.py": handler], workers: 2) { model in
+            let pids = model.workers.compactMap(\.pid)
+            async let results = model.predict(batch: (0..<8).map { Fixtures.json("\($0)") })
+            try await Task.sleep(for: .milliseconds(100))
+            for pid in pids { kill(pid, SIGKILL) }  // both die mid-batch; replacements run it again
+            #expect(try await results.map { try $0.get().json } == (0..<8).map { "\($0)" })
+        }
+    }
+
+    @Test func handlerThatFailsToImportReportsTheTraceback() async throws {
+        let dir = try Fixtures.model(["handler.py": "import json\nraise RuntimeError('weights missing')\n"])
+        let error = await #expect(throws: SidecarError.self) {
+            try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
+        }
+        #expect(error?.code == .loadFailed)
+        #expect(error?.message.contains("RuntimeError: weights missing") == true)
+        #expect(error?.detail?.contains("handler.py\", line 2") == true)
+    }
+
+    @Test func missingAttributeIsNamed() async throws {
+        let dir = try Fixtures.model(["handler.py": "def run(batch):\n    return batch\n"])
+        let error = await #expect(throws: SidecarError.self) {
+            try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
+        }
+        #expect(error?.message.contains("no attribute 'predict'") == true)
+    }
+
+    @Test func initRunsOnceAndCleanupRunsAtUnload() async throws {
+        let dir = try Fixtures.model([
+            "handler.py": "def predict(batch):\n    return batch\n",
+            "init.sh": "echo ran >> \"$SIDECAR_MODEL_DIR/init.log\"\ntest -n \"$VIRTUAL_ENV\"\n",
+            "cleanup.sh": "echo cleaned >> cleanup.log\n",
+        ])
+        for _ in 0..<2 {
+            try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { model in
+                _ = try await model.predict(Fixtures.json("1"))
+            }
+        }
+        let initLog = try String(contentsOf: dir.appendingPathComponent("init.log"), encoding: .utf8)
+        #expect(initLog == "ran\n")
+        let cleanupLog = try String(contentsOf: dir.appendingPathComponent("cleanup.log"), encoding: .utf8)
+        #expect(cleanupLog == "cleaned\ncleaned\n")
+    }
+
+    @Test func cancelledCallerDoesNotDisturbOthers() async throws {
+        let handler = "import time\n\ndef predict(batch):\n    time.sleep(0.2)\n    return batch\n"
+        try await withTestModel(["handler.py": handler]) { model in
+            async let blocker = model.predict(Fixtures.json("0"))
+            try await Task.sleep(for: .milliseconds(50))
+            let cancelled = Task { try await model.predict(Fixtures.json("1")) }
+            try await Task.sleep(for: .milliseconds(20))
+            cancelled.cancel()
+            await #expect(throws: CancellationError.self) { try await cancelled.value }
+            #expect(try await blocker.json == "0")
+            #expect(try await model.predict(Fixtures.json("2")).json == "2")
+        }
+    }
+}
+
+/// Just enough of "any JSON" to read test outputs.
+enum AnyCodable: Decodable, Equatable {
+    case number(Double), string(String), array([Double]), other
+
+    init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        if let n = try? container.decode(Double.self) { self = .number(n) }
+        else if let s = try? container.decode(String.self) { self = .string(s) }
+        else if let a = try? container.decode([Double].self) { self = .array(a) }
+        else { self = .other }
+    }
+
+    var int: Int? { if case .number(let n) = self { return Int(n) }; return nil }
+    var double: Double? { if case .number(let n) = self { return n }; return nil }
+    var string: String? { if case .string(let s) = self { return s }; return nil }
+    var array: [Int]? { if case .array(let a) = self { return a.map { Int($0) } }; return nil }
+}
