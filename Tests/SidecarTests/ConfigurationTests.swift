@@ -121,3 +121,12 @@ import Testing
         #expect(throws: JSONValueError.self) { try JSONValue(json: "") }
     }
 }
+
+@Suite struct ReferenceConfigTests {
+    /// Config/model-sidecar.yaml documents every key at its default: it must parse to the defaults.
+    @Test func referenceFileParsesToTheDefaults() throws {
+        let file = Fixtures.packageRoot.appendingPathComponent("Config/model-sidecar.yaml")
+        let config = try ModelConfiguration.parse(yaml: try String(contentsOf: file, encoding: .utf8), file: file.path, defaultName: "x")
+        #expect(config == .defaults(name: "x"))
+    }
+}

@@ -1,0 +1,167 @@
+import ArgumentParser
+import Foundation
+import Logging
+import Sidecar
+import Subprocess
+
+#if canImport(System)
+import System
+#else
+import SystemPackage
+#endif
+
+/// Throughput and latency of models through the library API, beside the same handler in a plain
+/// Python loop (the ceiling). Build with `-c release`; see docs/benchmarks.md.
+@main
+struct Benchmark: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sidecar-bench",
+        abstract: "Items per second and per-item p50/p99 through the library API, beside a plain Python loop.",
+        discussion: "swift run -c release sidecar-bench            # echo and iris, 1 and 2 workers")
+
+    @Option(help: "Models to measure: name=directory=item JSON, separated by ';'.")
+    var models = #"echo=Examples/echo={"x": 1.5, "id": 7};iris=Examples/iris=[5.1, 3.5, 1.4, 0.2]"#
+
+    @Option(help: "Worker counts, comma-separated.")
+    var workers = "1,2"
+
+    @Option(help: "Items per predict call, comma-separated.")
+    var batchSizes = "1,16,128,1024"
+
+    @Option(help: "Seconds measured per configuration (after a warm-up).")
+    var seconds: Double = 3
+
+    @Option(help: "Items kept outstanding by the concurrent callers (callers = this / batch size, 4 to 256).")
+    var outstanding = 8192
+
+    @Option(help: "Environment cache directory (default ~/.cache/sidecar).")
+    var cacheDir: String?
+
+    func run() async throws {
+        var logger = Logger(label: "sidecar-bench") { StreamLogHandler.standardError(label: $0) }
+        logger.logLevel = .warning
+        let options = HostOptions(environment: EnvironmentOptions(cacheDirectory: cacheDir.map { URL(fileURLWithPath: $0) }))
+        let sizes = batchSizes.split(separator: ",").compactMap { Int($0) }
+        let workerCounts = workers.split(separator: ",").compactMap { Int($0) }
+
+        print("Sidecar benchmark — \(Date().formatted(.iso8601)), \(ProcessInfo.processInfo.activeProcessorCount) cores, \(Self.cpuModel())")
+        print("per-item latency = latency of the predict call that carried the item; callers = \(outstanding) / batch size (4…256)\n")
+        for spec in models.split(separator: ";") {
+            let parts = spec.split(separator: "=", maxSplits: 2).map(String.init)
+            guard parts.count == 3 else { throw ValidationError("--models entry must be name=directory=item: \(spec)") }
+            let (name, directory) = (parts[0], parts[1])
+            let item = try JSONValue(json: parts[2])
+            print("## \(name) (\(directory)), item \(item.json)")
+            print(Self.row(["path", "workers", "batch", "callers", "items/s", "p50 ms", "p99 ms"]))
+            print(Self.row(Array(repeating: "---", count: 7)))
+            var environment: PythonEnvironment?
+            for count in workerCounts {
+                try await withModel(at: directory, workers: count, options: options, logger: logger) { model in
+                    environment = model.environment
+                    for size in sizes {
+                        let result = try await Self.measure(model: model, item: item, batch: size, outstanding: outstanding, seconds: seconds)
+                        print(Self.row([
+                            "sidecar", "\(count)", "\(size)", "\(result.callers)", Self.format(result.itemsPerSecond),
+                            String(format: "%.3f", result.p50), String(format: "%.3f", result.p99),
+                        ]))
+                    }
+                }
+            }
+            if let environment {
+                let bundle = try ModelBundle(directory: directory)
+                for line in try await Self.ceiling(environment: environment, bundle: bundle, item: item, sizes: sizes, seconds: min(seconds, 2)) {
+                    print(Self.row(["python loop: handler only", "1 process", "\(line.batch)", "-", Self.format(line.handler), "-", "-"]))
+                    print(Self.row(["python loop: decode+handler+encode", "1 process", "\(line.batch)", "-", Self.format(line.codec), "-", "-"]))
+                }
+            }
+            print("")
+        }
+    }
+
+    struct Measurement {
+        var callers: Int
+        var itemsPerSecond: Double
+        var p50: Double
+        var p99: Double
+    }
+
+    static func measure(model: Model, item: JSONValue, batch: Int, outstanding: Int, seconds: Double) async throws -> Measurement {
+        let items = Array(repeating: item, count: batch)
+        let callers = max(4, min(256, outstanding / batch))
+        // Warm up: fill the pipes, let the workers' allocators settle.
+        _ = try await run(model: model, items: items, callers: callers, for: .milliseconds(300))
+        let start = ContinuousClock.now
+        let latencies = try await run(model: model, items: items, callers: callers, for: .milliseconds(Int(seconds * 1000)))
+        let elapsed = (ContinuousClock.now - start).seconds
+        let sorted = latencies.sorted()
+        func percentile(_ p: Double) -> Double { sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
+        return Measurement(callers: callers, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99))
+    }
+
+    /// Runs `callers` concurrent loops of `predict(batch:)` until `duration` has passed; returns each
+    /// call's latency in seconds.
+    static func run(model: Model, items: [JSONValue], callers: Int, for duration: Duration) async throws -> [Double] {
+        let deadline = ContinuousClock.now.advanced(by: duration)
+        return try await withThrowingTaskGroup(of: [Double].self) { group in
+            for _ in 0..<callers {
+                group.addTask {
+                    var latencies: [Double] = []
+                    while ContinuousClock.now < deadline {
+                        let start = ContinuousClock.now
+                        let results = try await model.predict(batch: items)
+                        latencies.append((ContinuousClock.now - start).seconds)
+                        if case .failure(let error) = results[0] { throw error }
+                    }
+                    return latencies
+                }
+            }
+            var all: [Double] = []
+            for try await part in group { all += part }
+            return all
+        }
+    }
+
+    struct CeilingLine: Decodable {
+        var batch: Int
+        var handler: Double
+        var codec: Double
+    }
+
+    /// Runs scripts/bench_ceiling.py in the model's own environment.
+    static func ceiling(environment: PythonEnvironment, bundle: ModelBundle, item: JSONValue, sizes: [Int], seconds: Double) async throws -> [CeilingLine] {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("scripts/bench_ceiling.py")
+        let result = try await Subprocess.run(
+            .path(FilePath(environment.python.path)),
+            arguments: [
+                script.path, "--model-dir", bundle.directory.path, "--handler", bundle.configuration.handler, "--item", item.json,
+                "--batch-sizes", sizes.map(String.init).joined(separator: ","), "--seconds", "\(seconds)",
+                "--config-json", bundle.configuration.handlerConfig.json,
+            ],
+            workingDirectory: FilePath(bundle.directory.path),
+            output: .string(limit: 1 << 20),
+            error: .string(limit: 1 << 20))
+        guard result.terminationStatus.isSuccess else {
+            throw ValidationError("bench_ceiling.py failed: \(result.standardError)")
+        }
+        let text = result.standardOutput
+        return try text.split(separator: "\n").map { try JSONDecoder().decode(CeilingLine.self, from: Data($0.utf8)) }
+    }
+
+    static func row(_ cells: [String]) -> String { "| " + cells.joined(separator: " | ") + " |" }
+
+    static func format(_ rate: Double) -> String {
+        rate >= 1_000_000 ? String(format: "%.2f M", rate / 1_000_000) : rate >= 1000 ? String(format: "%.1f k", rate / 1000) : String(format: "%.0f", rate)
+    }
+
+    static func cpuModel() -> String {
+        guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8),
+              let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") })
+        else { return "unknown CPU" }
+        return line.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+    }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
