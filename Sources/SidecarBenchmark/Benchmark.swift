@@ -45,34 +45,49 @@ struct Benchmark: AsyncParsableCommand {
         let workerCounts = workers.split(separator: ",").compactMap { Int($0) }
 
         print("Sidecar benchmark — \(Date().formatted(.iso8601)), \(ProcessInfo.processInfo.activeProcessorCount) cores, \(Self.cpuModel())")
-        print("per-item latency = latency of the predict call that carried the item; callers = \(outstanding) / batch size (4…256)\n")
+        print("""
+            items/call: items per predict(batch:) call; callers: concurrent callers (\(outstanding) / items per call, 4…256); \
+            mean batch: items per batch sent to a worker (smart batching merges calls up to max_batch_size); \
+            p50/p99: latency of the call that carried the item; loop: the same handler in a plain Python loop in one \
+            process over batches of the mean batch size, handler alone and with JSON decode/encode; ÷: Sidecar's items/s \
+            over that loop's.
+
+            """)
         for spec in models.split(separator: ";") {
             let parts = spec.split(separator: "=", maxSplits: 2).map(String.init)
             guard parts.count == 3 else { throw ValidationError("--models entry must be name=directory=item: \(spec)") }
             let (name, directory) = (parts[0], parts[1])
             let item = try JSONValue(json: parts[2])
             print("## \(name) (\(directory)), item \(item.json)")
-            print(Self.row(["path", "workers", "batch", "callers", "items/s", "p50 ms", "p99 ms"]))
-            print(Self.row(Array(repeating: "---", count: 7)))
+            var rows: [(workers: Int, batch: Int, result: Measurement)] = []
             var environment: PythonEnvironment?
             for count in workerCounts {
                 try await withModel(at: directory, workers: count, options: options, logger: logger) { model in
                     environment = model.environment
                     for size in sizes {
-                        let result = try await Self.measure(model: model, item: item, batch: size, outstanding: outstanding, seconds: seconds)
-                        print(Self.row([
-                            "sidecar", "\(count)", "\(size)", "\(result.callers)", Self.format(result.itemsPerSecond),
-                            String(format: "%.3f", result.p50), String(format: "%.3f", result.p99),
-                        ]))
+                        rows.append((count, size, try await Self.measure(model: model, item: item, batch: size, outstanding: outstanding, seconds: seconds)))
                     }
                 }
             }
-            if let environment {
-                let bundle = try ModelBundle(directory: directory)
-                for line in try await Self.ceiling(environment: environment, bundle: bundle, item: item, sizes: sizes, seconds: min(seconds, 2)) {
-                    print(Self.row(["python loop: handler only", "1 process", "\(line.batch)", "-", Self.format(line.handler), "-", "-"]))
-                    print(Self.row(["python loop: decode+handler+encode", "1 process", "\(line.batch)", "-", Self.format(line.codec), "-", "-"]))
-                }
+            guard let environment else { continue }
+            // The ceiling, measured at the batch sizes Sidecar actually formed ("the same batches").
+            let bundle = try ModelBundle(directory: directory)
+            let formed = Set(rows.map { max(1, Int($0.result.meanBatch.rounded())) }).sorted()
+            let ceilings = Dictionary(
+                uniqueKeysWithValues: try await Self.ceiling(environment: environment, bundle: bundle, item: item, sizes: formed, seconds: min(seconds, 2))
+                    .map { ($0.batch, $0) })
+            print(Self.row(["workers", "items/call", "callers", "mean batch", "items/s", "p50 ms", "p99 ms", "loop: handler", "loop: +JSON", "÷ handler", "÷ +JSON"]))
+            print(Self.row(Array(repeating: "---", count: 11)))
+            for row in rows {
+                let r = row.result
+                let ceiling = ceilings[max(1, Int(r.meanBatch.rounded()))]
+                print(Self.row([
+                    "\(row.workers)", "\(row.batch)", "\(r.callers)", String(format: "%.0f", r.meanBatch), Self.format(r.itemsPerSecond),
+                    String(format: "%.3f", r.p50), String(format: "%.3f", r.p99),
+                    ceiling.map { Self.format($0.handler) } ?? "-", ceiling.map { Self.format($0.codec) } ?? "-",
+                    ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.handler) } ?? "-",
+                    ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.codec) } ?? "-",
+                ]))
             }
             print("")
         }
@@ -80,6 +95,7 @@ struct Benchmark: AsyncParsableCommand {
 
     struct Measurement {
         var callers: Int
+        var meanBatch: Double
         var itemsPerSecond: Double
         var p50: Double
         var p99: Double
@@ -90,12 +106,15 @@ struct Benchmark: AsyncParsableCommand {
         let callers = max(4, min(256, outstanding / batch))
         // Warm up: fill the pipes, let the workers' allocators settle.
         _ = try await run(model: model, items: items, callers: callers, for: .milliseconds(300))
+        let before = model.batchStatistics
         let start = ContinuousClock.now
         let latencies = try await run(model: model, items: items, callers: callers, for: .milliseconds(Int(seconds * 1000)))
         let elapsed = (ContinuousClock.now - start).seconds
         let sorted = latencies.sorted()
         func percentile(_ p: Double) -> Double { sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
-        return Measurement(callers: callers, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99))
+        let after = model.batchStatistics
+        let meanBatch = Double(after.items - before.items) / Double(max(1, after.batches - before.batches))
+        return Measurement(callers: callers, meanBatch: meanBatch, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99))
     }
 
     /// Runs `callers` concurrent loops of `predict(batch:)` until `duration` has passed; returns each

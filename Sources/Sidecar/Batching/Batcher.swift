@@ -2,6 +2,15 @@ import DequeModule
 import Foundation
 import Synchronization
 
+/// How many batches a batcher formed and how many items they carried: their ratio is the batch size
+/// smart batching actually achieved.
+public struct BatchStatistics: Sendable, Equatable {
+    public var batches = 0
+    public var items = 0
+
+    public var meanBatchSize: Double { batches == 0 ? 0 : Double(items) / Double(batches) }
+}
+
 /// A slice of one request's items waiting in the queue or travelling in a batch.
 struct Chunk: Sendable {
     let request: PendingRequest
@@ -28,6 +37,10 @@ struct BatchJob: Sendable {
 
     /// Hands each request its part of `results` (one per item, in batch order).
     func deliver(_ results: [ItemResult]) {
+        if chunks.count == 1, let only = chunks.first, only.range.count == only.request.items.count {
+            only.request.complete(with: results)
+            return
+        }
         var offset = 0
         for chunk in chunks {
             let n = chunk.range.count
@@ -67,6 +80,7 @@ final class Batcher: Sendable {
         var nextBatchID: UInt64 = 1
         var closed = false
         var closedReason: SidecarError?
+        var statistics = BatchStatistics()
 
         mutating func popWaiter() -> CheckedContinuation<Void, Never>? {
             while let id = waiterOrder.popFirst() {
@@ -88,6 +102,9 @@ final class Batcher: Sendable {
 
     /// Items waiting for a worker.
     var queuedItems: Int { state.withLock { $0.queuedItems } }
+
+    /// Batches formed so far and the items they carried.
+    var statistics: BatchStatistics { state.withLock { $0.statistics } }
 
     // MARK: Callers
 
@@ -191,6 +208,8 @@ final class Batcher: Sendable {
         }
         let id = state.nextBatchID
         state.nextBatchID += 1
+        state.statistics.batches += 1
+        state.statistics.items += count
         return BatchJob(id: id, chunks: chunks, count: count)
     }
 

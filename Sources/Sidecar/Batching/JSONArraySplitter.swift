@@ -10,46 +10,53 @@ enum JSONArraySplitter {
         var description: String { "worker output is not a JSON array" }
     }
 
-    static func split(_ data: Data) throws -> [Range<Int>] {
+    @inline(__always)
+    private static func isSpace(_ byte: UInt8) -> Bool {
+        byte == 0x20 || byte == 0x0A || byte == 0x0D || byte == 0x09
+    }
+
+    /// The ranges (in `data`'s indices) of the array's elements, surrounding whitespace excluded.
+    static func split(_ data: Data, expectedCount: Int = 0) throws -> [Range<Int>] {
         try data.withUnsafeBytes { (raw: UnsafeRawBufferPointer) -> [Range<Int>] in
-            let bytes = raw.bindMemory(to: UInt8.self)
+            guard let bytes = raw.baseAddress?.assumingMemoryBound(to: UInt8.self) else { throw Malformed() }
+            let n = raw.count
             let base = data.startIndex
+            var ranges: [Range<Int>] = []
+            ranges.reserveCapacity(expectedCount)
             var i = 0
-            let n = bytes.count
-            func skipSpace() { while i < n, bytes[i] == 0x20 || bytes[i] == 0x0A || bytes[i] == 0x0D || bytes[i] == 0x09 { i += 1 } }
-            skipSpace()
+            while i < n, isSpace(bytes[i]) { i += 1 }
             guard i < n, bytes[i] == UInt8(ascii: "[") else { throw Malformed() }
             i += 1
-            var ranges: [Range<Int>] = []
-            skipSpace()
+            while i < n, isSpace(bytes[i]) { i += 1 }
             if i < n, bytes[i] == UInt8(ascii: "]") { return ranges }
             while i < n {
-                skipSpace()
+                while i < n, isSpace(bytes[i]) { i += 1 }
                 let start = i
                 var depth = 0
                 var inString = false
-                scan: while i < n {
+                while i < n {
                     let byte = bytes[i]
                     if inString {
-                        if byte == UInt8(ascii: "\\") { i += 2; continue }
-                        if byte == UInt8(ascii: "\"") { inString = false }
-                    } else {
-                        switch byte {
-                        case UInt8(ascii: "\""): inString = true
-                        case UInt8(ascii: "["), UInt8(ascii: "{"): depth += 1
-                        case UInt8(ascii: "]"), UInt8(ascii: "}"):
-                            if depth == 0 { break scan }
-                            depth -= 1
-                        case UInt8(ascii: ","):
-                            if depth == 0 { break scan }
-                        default: break
+                        if byte == UInt8(ascii: "\\") {
+                            i += 2
+                            continue
                         }
+                        if byte == UInt8(ascii: "\"") { inString = false }
+                    } else if byte == UInt8(ascii: "\"") {
+                        inString = true
+                    } else if byte == UInt8(ascii: "[") || byte == UInt8(ascii: "{") {
+                        depth += 1
+                    } else if byte == UInt8(ascii: "]") || byte == UInt8(ascii: "}") {
+                        if depth == 0 { break }
+                        depth -= 1
+                    } else if byte == UInt8(ascii: ","), depth == 0 {
+                        break
                     }
                     i += 1
                 }
                 guard i < n else { throw Malformed() }
                 var end = i
-                while end > start, bytes[end - 1] == 0x20 || bytes[end - 1] == 0x0A || bytes[end - 1] == 0x0D || bytes[end - 1] == 0x09 { end -= 1 }
+                while end > start, isSpace(bytes[end - 1]) { end -= 1 }
                 guard end > start else { throw Malformed() }
                 ranges.append((base + start)..<(base + end))
                 if bytes[i] == UInt8(ascii: "]") { return ranges }

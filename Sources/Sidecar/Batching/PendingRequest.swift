@@ -29,7 +29,8 @@ final class PendingRequest: Sendable {
     init(items: [JSONValue]) {
         self.items = items
         self.enqueuedAt = .now
-        self.state = Mutex(State(results: Array(repeating: Self.placeholder, count: items.count), remaining: items.count))
+        // Results are allocated only when a request arrives in parts (see `fill`).
+        self.state = Mutex(State(results: [], remaining: items.count))
     }
 
     var isFinished: Bool { state.withLock { $0.finished } }
@@ -43,10 +44,24 @@ final class PendingRequest: Sendable {
         }
     }
 
+    /// Resumes the caller with every result at once: the common case of a request that travelled in
+    /// one batch, which needs no per-item copy.
+    func complete(with results: [ItemResult]) {
+        let continuation: CheckedContinuation<[ItemResult], any Error>? = state.withLock { state in
+            guard !state.finished, state.remaining == items.count else { return nil }
+            state.finished = true
+            state.remaining = 0
+            defer { state.continuation = nil }
+            return state.continuation
+        }
+        continuation?.resume(returning: results)
+    }
+
     /// Records the results of `range`; resumes the caller when it was the last missing part.
     func fill(_ range: Range<Int>, with results: ArraySlice<ItemResult>) {
         let done: (CheckedContinuation<[ItemResult], any Error>, [ItemResult])? = state.withLock { state in
             guard !state.finished else { return nil }
+            if state.results.isEmpty { state.results = Array(repeating: Self.placeholder, count: items.count) }
             var index = range.lowerBound
             for result in results {
                 state.results[index] = result

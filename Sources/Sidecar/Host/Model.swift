@@ -43,6 +43,9 @@ public final class Model: Sendable {
     /// Items waiting for a worker.
     public var queuedItems: Int { batcher.queuedItems }
 
+    /// Batches dispatched to workers so far and the items they carried (retries count again).
+    public var batchStatistics: BatchStatistics { batcher.statistics }
+
     /// One status per worker slot.
     public var workers: [WorkerStatus] { executor.workers }
 }

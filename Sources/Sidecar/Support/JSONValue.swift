@@ -10,7 +10,9 @@ import Foundation
 /// let label: String = try prediction.decode(String.self)
 /// ```
 public struct JSONValue: Sendable, Hashable, CustomStringConvertible {
-    /// The UTF-8 JSON text.
+    /// The UTF-8 JSON text. A prediction's `data` may be a slice of the buffer its whole batch came
+    /// back in (its `startIndex` need not be 0); use it through collection APIs, or `Data(value.data)`
+    /// for a compact copy.
     public let data: Data
 
     /// Parses `json` and keeps it if it is one valid JSON value (objects, arrays, strings, numbers,

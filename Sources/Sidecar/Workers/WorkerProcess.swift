@@ -368,7 +368,7 @@ enum BatchResultDecoder {
                 count: count)
         }
         let outputs = result.outputs
-        guard let ranges = try? JSONArraySplitter.split(outputs), ranges.count == count else {
+        guard let ranges = try? JSONArraySplitter.split(outputs, expectedCount: count), ranges.count == count else {
             return Array(
                 repeating: .failure(
                     PredictionError(
@@ -376,9 +376,10 @@ enum BatchResultDecoder {
                         message: "the worker answered a batch of \(count) items with malformed outputs")),
                 count: count)
         }
+        // Each prediction is a slice of the batch's output buffer: no copy, no allocation per item.
         var results = [ItemResult]()
         results.reserveCapacity(count)
-        for range in ranges { results.append(.success(JSONValue(trusted: outputs.subdata(in: range)))) }
+        for range in ranges { results.append(.success(JSONValue(trusted: outputs[range]))) }
         for itemError in result.itemErrors where Int(itemError.index) < count {
             let e = itemError.error
             results[Int(itemError.index)] = .failure(
