@@ -66,6 +66,20 @@ import SystemPackage
         #expect(run.stderr.contains("'workers' must be an integer"))
     }
 
+    @Test func missingEntryPointExitCode2() async throws {
+        let dir = try Fixtures.model(["handler.py": "def run(b): return b\n", "sidecar.yaml": "name: x\n"])
+        let run = try await sidecar(["predict", dir.path], input: "1\n")
+        #expect(run.exitCode == 2)
+        #expect(run.stderr.contains("defines no top-level 'predict' for the default handler"), "\(run.stderr)")
+    }
+
+    @Test func syntaxErrorExitCode2WithFileAndLine() async throws {
+        let dir = try Fixtures.model(["handler.py": "x = 1\ndef predict(b) return b\n"])
+        let run = try await sidecar(["predict", dir.path], input: "1\n")
+        #expect(run.exitCode == 2)
+        #expect(run.stderr.contains("handler.py:2: SyntaxError"), "\(run.stderr)")
+    }
+
     @Test func missingDirectoryExitCode2() async throws {
         let run = try await sidecar(["predict", "/nonexistent/model"], input: "")
         #expect(run.exitCode == 2)
@@ -73,7 +87,7 @@ import SystemPackage
     }
 
     @Test func handlerThatFailsToImportExitsNonZeroWithTraceback() async throws {
-        let dir = try Fixtures.model(["handler.py": "import not_a_real_module_xyz\n"])
+        let dir = try Fixtures.model(["handler.py": "import not_a_real_module_xyz\n\ndef predict(b):\n    return b\n"])
         let run = try await sidecar(["predict", dir.path, "--log-level", "error"], input: "1\n")
         #expect(run.exitCode == 1)
         #expect(run.stderr.contains("ModuleNotFoundError"))

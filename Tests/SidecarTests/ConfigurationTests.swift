@@ -87,7 +87,7 @@ import Testing
     @Test func entryPointModuleMustExist() throws {
         let dir = try Fixtures.model(["handler.py": "def predict(b): return b", "sidecar.yaml": "handler: model:predict"])
         let error = #expect(throws: SidecarError.self) { try ModelBundle(directory: dir.path) }
-        #expect(error?.message.contains("no model.py for handler 'model:predict' in sidecar.yaml") == true)
+        #expect(error?.message.contains("no model.py for handler: model:predict in sidecar.yaml") == true)
     }
 
     @Test func nameDefaultsToDirectory() throws {

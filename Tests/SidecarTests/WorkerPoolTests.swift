@@ -173,7 +173,7 @@ import Glibc
     }
 
     @Test func handlerThatFailsToImportReportsTheTraceback() async throws {
-        let dir = try Fixtures.model(["handler.py": "import json\nraise RuntimeError('weights missing')\n"])
+        let dir = try Fixtures.model(["handler.py": "import json\nraise RuntimeError('weights missing')\n\ndef predict(b):\n    return b\n"])
         let error = await #expect(throws: SidecarError.self) {
             try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
         }
@@ -182,12 +182,25 @@ import Glibc
         #expect(error?.detail?.contains("handler.py\", line 2") == true)
     }
 
-    @Test func missingAttributeIsNamed() async throws {
+    @Test func missingEntryPointIsRefusedBeforeAnyWorkerStarts() async throws {
         let dir = try Fixtures.model(["handler.py": "def run(batch):\n    return batch\n"])
         let error = await #expect(throws: SidecarError.self) {
             try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
         }
-        #expect(error?.message.contains("no attribute 'predict'") == true)
+        #expect(error?.code == .invalidModel)
+        #expect(error?.message.contains("handler.py: defines no top-level 'predict'") == true)
+    }
+
+    @Test func attributeMissingAtRuntimeIsNamedByTheWorker() async throws {
+        // Bound only through a module __getattr__, so the static check steps aside and the worker's
+        // import has the last word.
+        let handler = "def __getattr__(name):\n    raise AttributeError(name)\n"
+        let dir = try Fixtures.model(["handler.py": handler])
+        let error = await #expect(throws: SidecarError.self) {
+            try await withModel(at: dir.path, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
+        }
+        #expect(error?.code == .loadFailed)
+        #expect(error?.message.contains("predict") == true)
     }
 
     @Test func initRunsOnceAndCleanupRunsAtUnload() async throws {
@@ -205,6 +218,36 @@ import Glibc
         #expect(initLog == "ran\n")
         let cleanupLog = try String(contentsOf: dir.appendingPathComponent("cleanup.log"), encoding: .utf8)
         #expect(cleanupLog == "cleaned\ncleaned\n")
+    }
+
+    @Test func unloadFinishesInFlightAndQueuedItems() async throws {
+        let dir = try Fixtures.model([
+            "handler.py": "import time\n\ndef predict(batch):\n    time.sleep(0.2)\n    return batch\n",
+            "sidecar.yaml": "batching: {max_batch_size: 1}\n",
+        ])
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let model = try await host.load(dir.path)
+            // Four one-item batches for one worker: two in flight (the window), two queued.
+            let pending = Task { try await model.predict(batch: (1...4).map { Fixtures.json("\($0)") }) }
+            try await Task.sleep(for: .milliseconds(100))
+            try await host.unload(model.name)
+            let results = try await pending.value
+            #expect(try results.map { try $0.get().json } == ["1", "2", "3", "4"])
+            await #expect(throws: SidecarError.self) { try await model.predict(Fixtures.json("5")) }
+        }
+    }
+
+    @Test func concurrentBuildsOfOneEnvironmentAreSerialized() async throws {
+        let cache = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-lock-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: cache) }
+        let bundle = try ModelBundle(directory: try Fixtures.model(Self.echo).path)
+        let builder = EnvironmentBuilder(options: EnvironmentOptions(cacheDirectory: cache), logger: Fixtures.logger)
+        async let first = builder.prepare(bundle)
+        async let second = builder.prepare(bundle)
+        let (a, b) = try await (first, second)
+        #expect(a.directory == b.directory)
+        #expect([a.wasBuilt, b.wasBuilt].filter { $0 }.count == 1, "exactly one of the two ran pip")
+        #expect(FileManager.default.isExecutableFile(atPath: a.python.path))
     }
 
     @Test func cancelledCallerDoesNotDisturbOthers() async throws {

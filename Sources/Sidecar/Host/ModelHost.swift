@@ -95,6 +95,7 @@ public final class ModelHost: Service, Sendable {
 
         var modelLogger = logger
         modelLogger[metadataKey: "model"] = "\(modelName)"
+        try await EntryPointCheck.verify(bundle, interpreter: try InterpreterLocator.resolve(bundle.configuration.python.interpreter))
         let environment = try await EnvironmentBuilder(options: options.environment, logger: modelLogger).prepare(bundle)
 
         let socketDirectory = socketRoot.appendingPathComponent("\(id)")

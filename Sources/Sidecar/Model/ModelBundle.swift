@@ -55,11 +55,16 @@ public struct ModelBundle: Sendable {
         if candidates.contains(where: { FileManager.default.fileExists(atPath: directory.appendingPathComponent($0).path) }) {
             return
         }
-        let source = FileManager.default.fileExists(atPath: directory.appendingPathComponent("sidecar.yaml").path)
-            ? "handler '\(configuration.handler)' in sidecar.yaml" : "the default handler 'handler:predict'"
+        let source = handlerSource
         throw SidecarError(
             .invalidModel,
             "\(directory.path): no \(relative).py for \(source); add \(relative).py with a predict(batch) function, or set handler: module:attribute in sidecar.yaml")
+    }
+
+    /// Where the entry point came from, for error messages.
+    var handlerSource: String {
+        configuration.handler == ModelConfiguration.defaults(name: "").handler
+            ? "the default handler: handler:predict" : "handler: \(configuration.handler) in sidecar.yaml"
     }
 
     private func existingFile(_ name: String) -> URL? {

@@ -8,7 +8,6 @@ final class InFlightWindow: Sendable {
     private struct State {
         var jobs: [UInt64: BatchJob] = [:]
         var roomWaiter: CheckedContinuation<Void, Never>?
-        var emptyWaiters: [CheckedContinuation<Void, Never>] = []
         var closed = false
     }
 
@@ -48,26 +47,10 @@ final class InFlightWindow: Sendable {
                 wake.append(waiter)
                 state.roomWaiter = nil
             }
-            if state.jobs.isEmpty {
-                wake += state.emptyWaiters
-                state.emptyWaiters = []
-            }
             return (job, wake)
         }
         for waiter in wake { waiter.resume() }
         return job
-    }
-
-    /// Waits until every dispatched batch has been answered.
-    func waitUntilEmpty() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let ready = state.withLock { state -> Bool in
-                if state.jobs.isEmpty || state.closed { return true }
-                state.emptyWaiters.append(continuation)
-                return false
-            }
-            if ready { continuation.resume() }
-        }
     }
 
     /// Closes the window for good and returns the batches that never got an answer.
@@ -76,10 +59,9 @@ final class InFlightWindow: Sendable {
             state.closed = true
             let jobs = state.jobs.values.sorted { $0.id < $1.id }
             state.jobs = [:]
-            var wake = state.emptyWaiters
+            var wake: [CheckedContinuation<Void, Never>] = []
             if let waiter = state.roomWaiter { wake.append(waiter) }
             state.roomWaiter = nil
-            state.emptyWaiters = []
             return (jobs, wake)
         }
         for waiter in wake { waiter.resume() }

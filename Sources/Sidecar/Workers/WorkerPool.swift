@@ -15,7 +15,6 @@ final class WorkerPool: Executor {
 
     private struct State {
         var stopping = false
-        var current: [Int: WorkerProcess] = [:]
         var readySlots = Set<Int>()
         var readiness: Result<Void, SidecarError>?
         var readyWaiters: [CheckedContinuation<Void, any Error>] = []
@@ -56,12 +55,10 @@ final class WorkerPool: Executor {
     }
 
     func stop() {
-        let workers: [WorkerProcess] = state.withLock { state in
-            state.stopping = true
-            return Array(state.current.values)
-        }
+        state.withLock { $0.stopping = true }
+        // Workers keep taking what is queued; once the queue is empty each finishes its in-flight
+        // batches and exits, and the slot loops see `stopping` and do not restart them.
         batcher.close()
-        for worker in workers { worker.stop() }
         resolveReadiness(.failure(SidecarError(.unavailable, "model '\(spec.model)' was stopped while starting")))
     }
 
@@ -93,10 +90,7 @@ final class WorkerPool: Executor {
             let worker = WorkerProcess(
                 spec: spec, index: slot, generation: generation, batcher: batcher, status: status, logger: logger,
                 onReady: { [weak self] in self?.slotReady(slot) })
-            state.withLock { $0.current[slot] = worker }
-            if isStopping { worker.stop() }
             let exit = await worker.run()
-            state.withLock { _ = $0.current.removeValue(forKey: slot) }
 
             // Nothing is lost: what the dead worker was running goes back to the head of the queue.
             let unanswered = worker.window.close()

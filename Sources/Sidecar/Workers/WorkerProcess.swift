@@ -58,7 +58,6 @@ final class WorkerProcess: Sendable {
         var endReason: String?
         var lastPong = ContinuousClock.now
         var stopping = false
-        var outbox: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation?
     }
 
     private let session = Mutex(Session())
@@ -80,18 +79,6 @@ final class WorkerProcess: Sendable {
     }
 
     var socketPath: String { spec.socketDirectory.appendingPathComponent("w\(index)-\(generation).sock").path }
-
-    /// Asks the worker to finish its in-flight batches and exit. Queued items stay in the batcher for
-    /// the other workers.
-    func stop() {
-        let outbox: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation? = session.withLock {
-            $0.stopping = true
-            return $0.outbox
-        }
-        status.withLock { $0.state = .draining }
-        // Wake the dispatcher if it waits for room; it sees `stopping` and sends Shutdown.
-        outbox?.yield(Sidecar_Worker_V1_SupervisorMessage.with { $0.ping = .with { $0.nonce = 0 } })
-    }
 
     /// Runs the process to its end. Batches it had in flight are left in `window` for the caller to
     /// hand back to the batcher.
@@ -175,10 +162,20 @@ final class WorkerProcess: Sendable {
             }
             let first = await group.next()
             if first == .sessionEnded {
-                // The worker was told to stop, or its stream broke: let it exit by itself, briefly.
-                let grace = session.withLock { $0.stopping } ? Duration.seconds(5) : .seconds(1)
+                // Told to stop: the worker got Shutdown in-band and normally exits at once; if not,
+                // SIGTERM, and SIGKILL after that. A broken stream gets a moment, then SIGKILL.
+                let stopping = session.withLock { $0.stopping }
                 group.addTask {
-                    try? await Task.sleep(for: grace)
+                    if stopping {
+                        try? await Task.sleep(for: .seconds(5))
+                        if !Task.isCancelled {
+                            logger.warning("worker did not exit after Shutdown; sending SIGTERM", metadata: ["pid": "\(pid)"])
+                            _ = kill(-pid, SIGTERM)
+                        }
+                        try? await Task.sleep(for: .seconds(2))
+                    } else {
+                        try? await Task.sleep(for: .seconds(1))
+                    }
                     return .killed
                 }
                 if await group.next() == .killed {
@@ -220,7 +217,6 @@ final class WorkerProcess: Sendable {
             try? await Task.sleep(for: .milliseconds(5))
         }
         let (outbox, sink) = AsyncStream.makeStream(of: Sidecar_Worker_V1_SupervisorMessage.self)
-        session.withLock { $0.outbox = sink }
         var options = CallOptions.defaults
         options.maxRequestMessageBytes = spec.maxMessageBytes
         options.maxResponseMessageBytes = spec.maxMessageBytes
@@ -298,7 +294,7 @@ final class WorkerProcess: Sendable {
     private func dispatch(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation) async {
         while !Task.isCancelled {
             await window.waitForRoom()
-            if session.withLock({ $0.stopping }) || Task.isCancelled { break }
+            if Task.isCancelled { break }
             guard let job = await batcher.nextBatch() else { break }
             guard window.add(job) else {
                 batcher.requeue(job, reason: "worker \(index) stopped")
@@ -312,9 +308,17 @@ final class WorkerProcess: Sendable {
             sink.yield(message)
         }
         guard !Task.isCancelled else { return }
-        // Stopping (or the model closed): let the batches in flight finish, then say goodbye.
+        session.withLock { $0.stopping = true }
+        // The model is stopping and its queue is empty: let the batches in flight finish, up to the grace period,
+        // then say goodbye. Batches still running at the end go back to the batcher.
         status.withLock { $0.state = .draining }
-        await window.waitUntilEmpty()
+        let deadline = ContinuousClock.now.advanced(by: spec.timeouts.shutdownGrace)
+        while window.count > 0, ContinuousClock.now < deadline, !Task.isCancelled {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        if window.count > 0 {
+            logger.warning("\(window.count) batch(es) still running after shutdown_grace_s (\(spec.timeouts.shutdownGrace)); stopping the worker anyway")
+        }
         sink.yield(.with { $0.shutdown = .init() })
         sink.finish()
     }
