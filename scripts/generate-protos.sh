@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates the committed Swift and Python code for proto/sidecar/worker/v1/worker.proto.
+# Regenerates the committed Swift and Python code for proto/sidecar/worker/v1/worker.proto, and the
+# Swift code for the Open Inference Protocol v2 (proto/inference/grpc_predict_v2.proto) and the gRPC
+# health protocol (proto/grpc/health/v1/health.proto) into Sources/SidecarOIPProtocol.
 # The generated files are committed because building protoc and its plugins takes many minutes;
 # run this only after editing the .proto.
 #
@@ -47,3 +49,16 @@ rm -rf "$out/sidecar"
 sed -i 's/^from sidecar.worker.v1 import worker_pb2/from . import worker_pb2/' "$out/worker_pb2_grpc.py"
 touch "$out/__init__.py"
 echo "generated: Sources/SidecarWorkerProtocol/ and $out/"
+
+# Open Inference Protocol v2 + gRPC health: Swift messages, server and client stubs.
+oip_out=Sources/SidecarOIPProtocol
+oip_protos=(inference/grpc_predict_v2.proto grpc/health/v1/health.proto)
+mkdir -p "$oip_out"
+"$venv/bin/python" -m grpc_tools.protoc -I proto \
+  --plugin=protoc-gen-swift="$bin/protoc-gen-swift" \
+  --plugin=protoc-gen-grpc-swift="$bin/protoc-gen-grpc-swift-2" \
+  --swift_out="$oip_out" --swift_opt=Visibility=Public,FileNaming=PathToUnderscores \
+  --grpc-swift_out="$oip_out" \
+  --grpc-swift_opt=Visibility=Public,Server=true,Client=true,FileNaming=PathToUnderscores \
+  "${oip_protos[@]}"
+echo "generated: $oip_out/"

@@ -156,6 +156,48 @@ public nonisolated struct Sidecar_Worker_V1_Batch: Sendable {
   /// the worker joins them into one JSON array and decodes the batch in one call.
   public var items: [Data] = []
 
+  /// Or, for Open Inference Protocol requests, one TensorItem per item (then `items` is empty). A
+  /// batch never mixes the two: the handler gets either JSON values or dicts of numpy arrays.
+  public var tensorItems: [Sidecar_Worker_V1_TensorItem] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+/// One item of a tensor request: its named input tensors (the handler gets a dict name -> ndarray),
+/// or the named output tensors the handler returned for it.
+public nonisolated struct Sidecar_Worker_V1_TensorItem: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  public var tensors: [Sidecar_Worker_V1_Tensor] = []
+
+  public var unknownFields = SwiftProtobuf.UnknownStorage()
+
+  public init() {}
+}
+
+public nonisolated struct Sidecar_Worker_V1_Tensor: Sendable {
+  // SwiftProtobuf.Message conformance is added in an extension below. See the
+  // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
+  // methods supported on all messages.
+
+  /// Empty on an output when the handler returned a single array rather than a dict: the supervisor
+  /// names it after the model's one declared output.
+  public var name: String = String()
+
+  /// Open Inference Protocol datatype: BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64,
+  /// FP16, FP32, FP64, BYTES.
+  public var datatype: String = String()
+
+  public var shape: [Int64] = []
+
+  /// Row-major, little-endian elements. BYTES: each element is a 4-byte little-endian length, then
+  /// that many bytes.
+  public var data: Data = Data()
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -188,6 +230,10 @@ public nonisolated struct Sidecar_Worker_V1_BatchResult: Sendable {
 
   /// Time spent in the handler's predict call, for metrics.
   public var computeSeconds: Double = 0
+
+  /// For a tensor batch: one TensorItem per item, in item order (empty for an item in item_errors);
+  /// `outputs` is then empty.
+  public var tensorOutputs: [Sidecar_Worker_V1_TensorItem] = []
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -568,7 +614,7 @@ nonisolated extension Sidecar_Worker_V1_WorkerMessage: SwiftProtobuf.Message, Sw
 
 nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Batch"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}items\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}items\0\u{3}tensor_items\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -578,6 +624,7 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
       switch fieldNumber {
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
       case 2: try { try decoder.decodeRepeatedBytesField(value: &self.items) }()
+      case 3: try { try decoder.decodeRepeatedMessageField(value: &self.tensorItems) }()
       default: break
       }
     }
@@ -590,12 +637,91 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
     if !self.items.isEmpty {
       try visitor.visitRepeatedBytesField(value: self.items, fieldNumber: 2)
     }
+    if !self.tensorItems.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.tensorItems, fieldNumber: 3)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
   public static func ==(lhs: Sidecar_Worker_V1_Batch, rhs: Sidecar_Worker_V1_Batch) -> Bool {
     if lhs.id != rhs.id {return false}
     if lhs.items != rhs.items {return false}
+    if lhs.tensorItems != rhs.tensorItems {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Sidecar_Worker_V1_TensorItem: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".TensorItem"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}tensors\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeRepeatedMessageField(value: &self.tensors) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.tensors.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.tensors, fieldNumber: 1)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Sidecar_Worker_V1_TensorItem, rhs: Sidecar_Worker_V1_TensorItem) -> Bool {
+    if lhs.tensors != rhs.tensors {return false}
+    if lhs.unknownFields != rhs.unknownFields {return false}
+    return true
+  }
+}
+
+nonisolated extension Sidecar_Worker_V1_Tensor: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
+  public static let protoMessageName: String = _protobuf_package + ".Tensor"
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}name\0\u{1}datatype\0\u{1}shape\0\u{1}data\0")
+
+  public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+    while let fieldNumber = try decoder.nextFieldNumber() {
+      // The use of inline closures is to circumvent an issue where the compiler
+      // allocates stack space for every case branch when no optimizations are
+      // enabled. https://github.com/apple/swift-protobuf/issues/1034
+      switch fieldNumber {
+      case 1: try { try decoder.decodeSingularStringField(value: &self.name) }()
+      case 2: try { try decoder.decodeSingularStringField(value: &self.datatype) }()
+      case 3: try { try decoder.decodeRepeatedInt64Field(value: &self.shape) }()
+      case 4: try { try decoder.decodeSingularBytesField(value: &self.data) }()
+      default: break
+      }
+    }
+  }
+
+  public func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+    if !self.name.isEmpty {
+      try visitor.visitSingularStringField(value: self.name, fieldNumber: 1)
+    }
+    if !self.datatype.isEmpty {
+      try visitor.visitSingularStringField(value: self.datatype, fieldNumber: 2)
+    }
+    if !self.shape.isEmpty {
+      try visitor.visitPackedInt64Field(value: self.shape, fieldNumber: 3)
+    }
+    if !self.data.isEmpty {
+      try visitor.visitSingularBytesField(value: self.data, fieldNumber: 4)
+    }
+    try unknownFields.traverse(visitor: &visitor)
+  }
+
+  public static func ==(lhs: Sidecar_Worker_V1_Tensor, rhs: Sidecar_Worker_V1_Tensor) -> Bool {
+    if lhs.name != rhs.name {return false}
+    if lhs.datatype != rhs.datatype {return false}
+    if lhs.shape != rhs.shape {return false}
+    if lhs.data != rhs.data {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -603,7 +729,7 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
 
 nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".BatchResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}outputs\0\u{3}item_errors\0\u{3}batch_error\0\u{3}compute_seconds\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}outputs\0\u{3}item_errors\0\u{3}batch_error\0\u{3}compute_seconds\0\u{3}tensor_outputs\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -616,6 +742,7 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.itemErrors) }()
       case 4: try { try decoder.decodeSingularMessageField(value: &self._batchError) }()
       case 5: try { try decoder.decodeSingularDoubleField(value: &self.computeSeconds) }()
+      case 6: try { try decoder.decodeRepeatedMessageField(value: &self.tensorOutputs) }()
       default: break
       }
     }
@@ -641,6 +768,9 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
     if self.computeSeconds.bitPattern != 0 {
       try visitor.visitSingularDoubleField(value: self.computeSeconds, fieldNumber: 5)
     }
+    if !self.tensorOutputs.isEmpty {
+      try visitor.visitRepeatedMessageField(value: self.tensorOutputs, fieldNumber: 6)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -650,6 +780,7 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
     if lhs.itemErrors != rhs.itemErrors {return false}
     if lhs._batchError != rhs._batchError {return false}
     if lhs.computeSeconds != rhs.computeSeconds {return false}
+    if lhs.tensorOutputs != rhs.tensorOutputs {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -12,11 +12,18 @@ import Testing
         return Batcher(modelName: "t", batching: batching, maxRetries: retries)
     }
 
-    func items(_ values: ClosedRange<Int>) -> [JSONValue] { values.map { Fixtures.json("\($0)") } }
+    func items(_ values: ClosedRange<Int>) -> [Payload] { values.map { .json(Fixtures.json("\($0)")) } }
 
     /// Echoes a batch back as results.
     func answer(_ job: BatchJob) {
-        job.deliver(job.items.map { .success(JSONValue(trusted: $0)) })
+        job.deliver(job.payloads.map { .success($0) })
+    }
+
+    func texts(_ results: [PayloadResult]) throws -> [String] {
+        try results.map { result in
+            guard case .json(let value) = try result.get() else { return "tensors" }
+            return value.json
+        }
     }
 
     @Test func freeWorkerTakesEverythingQueuedUpToMax() async throws {
@@ -30,8 +37,8 @@ import Testing
         #expect(job2.count == 2)
         answer(job2)
         answer(job1)
-        #expect(try await first.map { try $0.get().json } == ["1", "2", "3"])
-        #expect(try await second.map { try $0.get().json } == ["4", "5", "6"])
+        #expect(try texts(await first) == ["1", "2", "3"])
+        #expect(try texts(await second) == ["4", "5", "6"])
     }
 
     @Test func waitingWorkerWakesWhenItemsArrive() async throws {
@@ -41,7 +48,7 @@ import Testing
         async let result = b.submit(items(7...7))
         let job = try #require(await worker.value)
         answer(job)
-        #expect(try await result[0].get().json == "7")
+        #expect(try texts(await result) == ["7"])
     }
 
     @Test func lingerWaitsForTheBatchToFillButNotPastTheDelay() async throws {
@@ -84,7 +91,7 @@ import Testing
         #expect(await eventually { b.queuedItems == 1 })
         b.requeue(job, reason: "worker died")
         let retry = try #require(await b.nextBatch())
-        #expect(retry.items.map { String(decoding: $0, as: UTF8.self) } == ["1", "2", "3"])
+        #expect(retry.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2", "3"])
         b.requeue(retry, reason: "worker died again")  // items 1, 2: second death; item 3: first
         let last = try #require(await b.nextBatch())
         #expect(last.count == 1)
@@ -95,7 +102,26 @@ import Testing
             #expect(error.kind == .workerDied)
             #expect(error.message.contains("max_retries: 1"))
         }
-        #expect(try await late[0].get().json == "3")
+        #expect(try texts(await late) == ["3"])
+    }
+
+    @Test func batchesNeverMixJSONAndTensors() async throws {
+        let b = batcher(maxBatch: 10)
+        let tensor = Payload.tensors([Tensor(name: "x", datatype: .fp32, shape: [1], data: Data(count: 4))])
+        async let json1 = b.submit(items(1...2))
+        #expect(await eventually { b.queuedItems == 2 })
+        async let tensors = b.submit([tensor, tensor])
+        #expect(await eventually { b.queuedItems == 4 })
+        async let json2 = b.submit(items(3...3))
+        #expect(await eventually { b.queuedItems == 5 })
+        let first = try #require(await b.nextBatch())
+        #expect(first.isJSON && first.count == 2)
+        let second = try #require(await b.nextBatch())
+        #expect(!second.isJSON && second.count == 2)
+        let third = try #require(await b.nextBatch())
+        #expect(third.isJSON && third.count == 1)
+        for job in [first, second, third] { answer(job) }
+        _ = try await (json1, tensors, json2)
     }
 
     @Test func closeDrainsThenEnds() async throws {

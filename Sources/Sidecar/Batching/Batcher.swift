@@ -25,18 +25,31 @@ struct BatchJob: Sendable {
     let chunks: [Chunk]
     let count: Int
 
-    /// The items in batch order.
-    var items: [Data] {
+    /// Whether the batch carries JSON values (else tensor items): batches never mix the two.
+    var isJSON: Bool { chunks.first?.request.items.first?.isJSON ?? true }
+
+    /// The payloads in batch order.
+    var payloads: [Payload] {
+        var payloads: [Payload] = []
+        payloads.reserveCapacity(count)
+        for chunk in chunks { payloads += chunk.request.items[chunk.range] }
+        return payloads
+    }
+
+    /// The JSON items in batch order (a JSON batch).
+    var jsonItems: [Data] {
         var items: [Data] = []
         items.reserveCapacity(count)
         for chunk in chunks {
-            for index in chunk.range { items.append(chunk.request.items[index].data) }
+            for index in chunk.range {
+                if case .json(let value) = chunk.request.items[index] { items.append(value.data) }
+            }
         }
         return items
     }
 
     /// Hands each request its part of `results` (one per item, in batch order).
-    func deliver(_ results: [ItemResult]) {
+    func deliver(_ results: [PayloadResult]) {
         if chunks.count == 1, let only = chunks.first, only.range.count == only.request.items.count {
             only.request.complete(with: results)
             return
@@ -110,11 +123,11 @@ final class Batcher: Sendable {
 
     /// Queues `items` and waits for one result per item, in order. Cancelling the calling task
     /// withdraws the items still queued and throws `CancellationError`.
-    func submit(_ items: [JSONValue]) async throws -> [ItemResult] {
+    func submit(_ items: [Payload]) async throws -> [PayloadResult] {
         if items.isEmpty { return [] }
         let request = PendingRequest(items: items)
         return try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[ItemResult], any Error>) in
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PayloadResult], any Error>) in
                 enqueue(request, continuation)
             }
         } onCancel: {
@@ -122,7 +135,7 @@ final class Batcher: Sendable {
         }
     }
 
-    private func enqueue(_ request: PendingRequest, _ continuation: CheckedContinuation<[ItemResult], any Error>) {
+    private func enqueue(_ request: PendingRequest, _ continuation: CheckedContinuation<[PayloadResult], any Error>) {
         let count = request.items.count
         let outcome: Result<CheckedContinuation<Void, Never>?, any Error> = state.withLock { state in
             if state.closed {
@@ -191,11 +204,19 @@ final class Batcher: Sendable {
     private func take(_ state: inout State) -> BatchJob {
         var chunks: [Chunk] = []
         var count = 0
+        var kindIsJSON: Bool?
         while count < maxBatchSize, var chunk = state.queue.popFirst() {
             if chunk.request.isFinished {  // cancelled while queued: drop it
                 state.queuedItems -= chunk.range.count
                 continue
             }
+            // One kind per batch: the handler gets JSON values or tensor dicts, never a mix.
+            let isJSON = chunk.request.items[chunk.range.lowerBound].isJSON
+            if let kindIsJSON, kindIsJSON != isJSON {
+                state.queue.prepend(chunk)
+                break
+            }
+            kindIsJSON = isJSON
             let room = maxBatchSize - count
             if chunk.range.count > room {
                 let split = chunk.range.lowerBound + room

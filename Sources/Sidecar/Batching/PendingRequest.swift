@@ -11,22 +11,22 @@ public typealias ItemResult = Result<JSONValue, PredictionError>
 /// failed or cancelled) late results are ignored, so a batch that comes back after its caller gave
 /// up harms nobody.
 final class PendingRequest: Sendable {
-    let items: [JSONValue]
+    let items: [Payload]
     let enqueuedAt: ContinuousClock.Instant
 
     private struct State {
-        var results: [ItemResult]
+        var results: [PayloadResult]
         var remaining: Int
-        var continuation: CheckedContinuation<[ItemResult], any Error>?
+        var continuation: CheckedContinuation<[PayloadResult], any Error>?
         var finished = false
     }
 
     private let state: Mutex<State>
 
-    private static let placeholder = ItemResult.failure(
+    private static let placeholder = PayloadResult.failure(
         PredictionError(kind: .unavailable, type: "Unanswered", message: "no result"))
 
-    init(items: [JSONValue]) {
+    init(items: [Payload]) {
         self.items = items
         self.enqueuedAt = .now
         // Results are allocated only when a request arrives in parts (see `fill`).
@@ -36,7 +36,7 @@ final class PendingRequest: Sendable {
     var isFinished: Bool { state.withLock { $0.finished } }
 
     /// Stores the continuation, unless the request was cancelled before it got here.
-    func attach(_ continuation: CheckedContinuation<[ItemResult], any Error>) -> Bool {
+    func attach(_ continuation: CheckedContinuation<[PayloadResult], any Error>) -> Bool {
         state.withLock { state in
             if state.finished { return false }
             state.continuation = continuation
@@ -46,8 +46,8 @@ final class PendingRequest: Sendable {
 
     /// Resumes the caller with every result at once: the common case of a request that travelled in
     /// one batch, which needs no per-item copy.
-    func complete(with results: [ItemResult]) {
-        let continuation: CheckedContinuation<[ItemResult], any Error>? = state.withLock { state in
+    func complete(with results: [PayloadResult]) {
+        let continuation: CheckedContinuation<[PayloadResult], any Error>? = state.withLock { state in
             guard !state.finished, state.remaining == items.count else { return nil }
             state.finished = true
             state.remaining = 0
@@ -58,8 +58,8 @@ final class PendingRequest: Sendable {
     }
 
     /// Records the results of `range`; resumes the caller when it was the last missing part.
-    func fill(_ range: Range<Int>, with results: ArraySlice<ItemResult>) {
-        let done: (CheckedContinuation<[ItemResult], any Error>, [ItemResult])? = state.withLock { state in
+    func fill(_ range: Range<Int>, with results: ArraySlice<PayloadResult>) {
+        let done: (CheckedContinuation<[PayloadResult], any Error>, [PayloadResult])? = state.withLock { state in
             guard !state.finished else { return nil }
             if state.results.isEmpty { state.results = Array(repeating: Self.placeholder, count: items.count) }
             var index = range.lowerBound
@@ -85,7 +85,7 @@ final class PendingRequest: Sendable {
     /// finished.
     @discardableResult
     func abort(with error: any Error) -> Bool {
-        let continuation: CheckedContinuation<[ItemResult], any Error>?? = state.withLock { state in
+        let continuation: CheckedContinuation<[PayloadResult], any Error>?? = state.withLock { state in
             guard !state.finished else { return .none }
             state.finished = true
             defer { state.continuation = nil }

@@ -30,14 +30,72 @@ public final class Model: Sendable {
     /// Predicts one item. Throws ``PredictionError`` when the handler failed for it, and
     /// ``SidecarError`` when the model cannot take it (queue full, stopped).
     public func predict(_ item: JSONValue) async throws -> JSONValue {
-        let results = try await batcher.submit([item])
-        return try results[0].get()
+        let results = try await batcher.submit([.json(item)])
+        return try Self.json(results[0]).get()
     }
 
     /// Predicts many items in one call: one result per item, in order. One item's failure does not
     /// fail the others. Throws only when the model cannot take the items at all.
     public func predict(batch items: [JSONValue]) async throws -> [ItemResult] {
-        try await batcher.submit(items)
+        try await batcher.submit(items.map(Payload.json)).map(Self.json)
+    }
+
+    /// Runs one Open Inference Protocol request: its input tensors, checked against the model's
+    /// declared inputs before anything reaches Python, batched with other requests. The handler gets
+    /// a dict of input name → numpy array and returns a dict of output name → array (or one array,
+    /// named after the model's one declared output).
+    ///
+    /// Throws ``SidecarError`` (`invalidInput`) for a request that does not match, and
+    /// ``PredictionError`` when the handler failed for it.
+    public func infer(_ inputs: [Tensor]) async throws -> [Tensor] {
+        try validate(inputs)
+        let results = try await batcher.submit([.tensors(inputs)])
+        guard case .tensors(var outputs) = try results[0].get() else {
+            throw PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a tensor request with JSON")
+        }
+        for index in outputs.indices where outputs[index].name.isEmpty {
+            outputs[index].name = configuration.outputs.count == 1 ? configuration.outputs[0].name : "output0"
+        }
+        return outputs
+    }
+
+    /// Checks a request's tensors against themselves (data size matches shape) and against the
+    /// declared inputs, if the model declares any.
+    public func validate(_ inputs: [Tensor]) throws {
+        var seen = Set<String>()
+        for tensor in inputs {
+            guard seen.insert(tensor.name).inserted else {
+                throw SidecarError(.invalidInput, "input '\(tensor.name)' appears twice in the request")
+            }
+            try tensor.validate()
+        }
+        let declared = configuration.inputs
+        guard !declared.isEmpty else { return }
+        for tensor in inputs {
+            guard let spec = declared.first(where: { $0.name == tensor.name }) else {
+                throw SidecarError(
+                    .invalidInput,
+                    "model '\(name)' has no input '\(tensor.name)'; its inputs are \(declared.map(\.name).joined(separator: ", "))")
+            }
+            guard spec.datatype == tensor.datatype else {
+                throw SidecarError(.invalidInput, "input '\(tensor.name)' must be \(spec.datatype.rawValue), got \(tensor.datatype.rawValue)")
+            }
+            guard spec.accepts(tensor.shape) else {
+                throw SidecarError(.invalidInput, "input '\(tensor.name)' must have shape \(spec.shape) (-1: any size), got \(tensor.shape)")
+            }
+        }
+        for spec in declared where !seen.contains(spec.name) {
+            throw SidecarError(.invalidInput, "the request lacks input '\(spec.name)' (\(spec.datatype.rawValue) \(spec.shape)) that model '\(name)' declares")
+        }
+    }
+
+    private static func json(_ result: PayloadResult) -> ItemResult {
+        result.flatMap { payload in
+            guard case .json(let value) = payload else {
+                return .failure(PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a JSON request with tensors"))
+            }
+            return .success(value)
+        }
     }
 
     /// Items waiting for a worker.

@@ -20,6 +20,11 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var python: Python
     /// Free-form settings handed to the handler's context as a dict (`config:` in `sidecar.yaml`).
     public var handlerConfig: JSONValue
+    /// Declared input tensors (`inputs:`); Open Inference Protocol requests must match them. Empty:
+    /// any tensors are accepted.
+    public var inputs: [TensorSpec] = []
+    /// Declared output tensors (`outputs:`), reported in metadata.
+    public var outputs: [TensorSpec] = []
 
     public struct Batching: Sendable, Equatable {
         /// The most items one batch may carry (default 64).
@@ -131,7 +136,7 @@ private struct ConfigReader {
             throw SidecarError(.invalidModel, "\(file): not valid YAML: \(error)")
         }
         guard let root else { return config }  // an empty file means all defaults
-        let top = ["name", "handler", "workers", "max_retries", "batching", "timeouts", "python", "config"]
+        let top = ["name", "handler", "workers", "max_retries", "batching", "timeouts", "python", "config", "inputs", "outputs"]
         for (key, value) in try mapping(root, key: "", allowed: top) {
             switch key {
             case "name":
@@ -180,6 +185,9 @@ private struct ConfigReader {
                         config.python.pipArgs = try seq.map { try string($0, key: "python.pip_args") }
                     }
                 }
+            case "inputs", "outputs":
+                let specs = try tensorSpecs(value, key: key)
+                if key == "inputs" { config.inputs = specs } else { config.outputs = specs }
             default:  // config
                 guard value.mapping != nil else { throw fail(key, "a mapping (handed to the handler as a dict)", got: value) }
                 let object = try jsonObject(value, key: key)
@@ -187,6 +195,40 @@ private struct ConfigReader {
             }
         }
         return config
+    }
+
+    /// A list of `{name, datatype, shape}` mappings.
+    func tensorSpecs(_ node: Yams.Node, key: String) throws -> [TensorSpec] {
+        guard case .sequence(let seq) = node else {
+            throw fail(key, "a list of {name, datatype, shape} mappings", got: node)
+        }
+        var specs: [TensorSpec] = []
+        for (index, element) in seq.enumerated() {
+            let path = "\(key)[\(index)]"
+            var name: String?
+            var datatype: TensorDataType?
+            var shape: [Int]?
+            for (k, v) in try mapping(element, key: path, allowed: ["name", "datatype", "shape"]) {
+                switch k {
+                case "name": name = try string(v, key: "\(path).name")
+                case "datatype":
+                    let text = try string(v, key: "\(path).datatype")
+                    guard let type = TensorDataType(rawValue: text.uppercased()) else {
+                        throw fail("\(path).datatype", "one of \(TensorDataType.allCases.map(\.rawValue).joined(separator: ", "))", got: v)
+                    }
+                    datatype = type
+                default:
+                    guard case .sequence(let dims) = v else { throw fail("\(path).shape", "a list of dimensions (-1 for any size)", got: v) }
+                    shape = try dims.map { try int($0, key: "\(path).shape", range: -1...Int(Int32.max)) }
+                }
+            }
+            guard let name, let datatype, let shape else {
+                throw fail(path, "a mapping with name, datatype and shape", got: element)
+            }
+            guard !specs.contains(where: { $0.name == name }) else { throw fail("\(path).name", "unique within \(key)", got: element) }
+            specs.append(TensorSpec(name: name, datatype: datatype, shape: shape))
+        }
+        return specs
     }
 
     /// YAML → Foundation objects that JSONSerialization accepts, keeping YAML's scalar types.

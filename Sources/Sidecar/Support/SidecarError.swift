@@ -21,6 +21,8 @@ public struct SidecarError: Error, CustomStringConvertible, Sendable {
         public static let unavailable = Code(name: "unavailable")
         /// No model with that name is loaded.
         public static let notFound = Code(name: "notFound")
+        /// A request does not match the model's declared inputs, or its tensors are malformed.
+        public static let invalidInput = Code(name: "invalidInput")
     }
 
     public var code: Code

@@ -277,7 +277,7 @@ final class WorkerProcess: Sendable {
                         continue
                     }
                     status.withLock { $0.batchesServed += 1 }
-                    job.deliver(BatchResultDecoder.results(of: result, count: job.count))
+                    job.deliver(BatchResultDecoder.results(of: result, count: job.count, tensors: !job.isJSON))
                 case .pong:
                     session.withLock { $0.lastPong = .now }
                 case .log(let record):
@@ -300,12 +300,7 @@ final class WorkerProcess: Sendable {
                 batcher.requeue(job, reason: "worker \(index) stopped")
                 return
             }
-            var message = Sidecar_Worker_V1_SupervisorMessage()
-            message.batch = .with {
-                $0.id = job.id
-                $0.items = job.items
-            }
-            sink.yield(message)
+            sink.yield(.with { $0.batch = BatchEncoder.message(for: job) })
         }
         guard !Task.isCancelled else { return }
         session.withLock { $0.stopping = true }
@@ -360,9 +355,35 @@ final class WorkerProcess: Sendable {
     }
 }
 
+/// Builds the worker message for a batch.
+enum BatchEncoder {
+    static func message(for job: BatchJob) -> Sidecar_Worker_V1_Batch {
+        var batch = Sidecar_Worker_V1_Batch()
+        batch.id = job.id
+        if job.isJSON {
+            batch.items = job.jsonItems
+        } else {
+            batch.tensorItems = job.payloads.map { payload in
+                guard case .tensors(let tensors) = payload else { return .init() }
+                return .with { $0.tensors = tensors.map(wire) }
+            }
+        }
+        return batch
+    }
+
+    static func wire(_ tensor: Tensor) -> Sidecar_Worker_V1_Tensor {
+        .with {
+            $0.name = tensor.name
+            $0.datatype = tensor.datatype.rawValue
+            $0.shape = tensor.shape.map(Int64.init)
+            $0.data = tensor.data
+        }
+    }
+}
+
 /// Turns a worker's BatchResult into one result per item.
 enum BatchResultDecoder {
-    static func results(of result: Sidecar_Worker_V1_BatchResult, count: Int) -> [ItemResult] {
+    static func results(of result: Sidecar_Worker_V1_BatchResult, count: Int, tensors: Bool) -> [PayloadResult] {
         if result.hasBatchError {
             let error = result.batchError
             let kind: PredictionError.Kind = (error.type == "WrongLength" || error.type == "WrongType") ? .wrongLength : .handlerError
@@ -371,24 +392,38 @@ enum BatchResultDecoder {
                     PredictionError(kind: kind, type: error.type, message: error.message, traceback: error.traceback.isEmpty ? nil : error.traceback)),
                 count: count)
         }
-        let outputs = result.outputs
-        guard let ranges = try? JSONArraySplitter.split(outputs, expectedCount: count), ranges.count == count else {
-            return Array(
-                repeating: .failure(
-                    PredictionError(
-                        kind: .handlerError, type: "ProtocolError",
-                        message: "the worker answered a batch of \(count) items with malformed outputs")),
-                count: count)
-        }
-        // Each prediction is a slice of the batch's output buffer: no copy, no allocation per item.
-        var results = [ItemResult]()
+        var results = [PayloadResult]()
         results.reserveCapacity(count)
-        for range in ranges { results.append(.success(JSONValue(trusted: outputs[range]))) }
+        if tensors {
+            guard result.tensorOutputs.count == count else { return malformed(count) }
+            for item in result.tensorOutputs {
+                var outputs: [Tensor] = []
+                for wire in item.tensors {
+                    guard let datatype = TensorDataType(rawValue: wire.datatype) else { return malformed(count) }
+                    outputs.append(Tensor(name: wire.name, datatype: datatype, shape: wire.shape.map { Int($0) }, data: wire.data))
+                }
+                results.append(.success(.tensors(outputs)))
+            }
+        } else {
+            let outputs = result.outputs
+            guard let ranges = try? JSONArraySplitter.split(outputs, expectedCount: count), ranges.count == count else {
+                return malformed(count)
+            }
+            // Each prediction is a slice of the batch's output buffer: no copy, no allocation per item.
+            for range in ranges { results.append(.success(.json(JSONValue(trusted: outputs[range])))) }
+        }
         for itemError in result.itemErrors where Int(itemError.index) < count {
             let e = itemError.error
             results[Int(itemError.index)] = .failure(
                 PredictionError(kind: .invalidItem, type: e.type, message: e.message, traceback: e.traceback.isEmpty ? nil : e.traceback))
         }
         return results
+    }
+
+    private static func malformed(_ count: Int) -> [PayloadResult] {
+        Array(
+            repeating: .failure(
+                PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a batch of \(count) items with malformed outputs")),
+            count: count)
     }
 }

@@ -32,26 +32,48 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., load_failed: _Optional[_Union[LoadFailed, _Mapping]] = ..., result: _Optional[_Union[BatchResult, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., log: _Optional[_Union[LogRecord, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("id", "items")
+    __slots__ = ("id", "items", "tensor_items")
     ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_ITEMS_FIELD_NUMBER: _ClassVar[int]
     id: int
     items: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, id: _Optional[int] = ..., items: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    tensor_items: _containers.RepeatedCompositeFieldContainer[TensorItem]
+    def __init__(self, id: _Optional[int] = ..., items: _Optional[_Iterable[bytes]] = ..., tensor_items: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ...) -> None: ...
+
+class TensorItem(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("name", "datatype", "shape", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("id", "outputs", "item_errors", "batch_error", "compute_seconds")
+    __slots__ = ("id", "outputs", "item_errors", "batch_error", "compute_seconds", "tensor_outputs")
     ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ITEM_ERRORS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     outputs: bytes
     item_errors: _containers.RepeatedCompositeFieldContainer[ItemError]
     batch_error: Error
     compute_seconds: float
-    def __init__(self, id: _Optional[int] = ..., outputs: _Optional[bytes] = ..., item_errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., batch_error: _Optional[_Union[Error, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    tensor_outputs: _containers.RepeatedCompositeFieldContainer[TensorItem]
+    def __init__(self, id: _Optional[int] = ..., outputs: _Optional[bytes] = ..., item_errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., batch_error: _Optional[_Union[Error, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., tensor_outputs: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("type", "message", "traceback")

@@ -1,0 +1,168 @@
+"""Open Inference Protocol tensors: ``TensorItem`` ⇄ dicts of numpy arrays.
+
+numpy is imported lazily, on the first tensor batch, so JSON-only models need not install it.
+Decoded numeric arrays are read-only views of the request bytes (``np.frombuffer``, no copy): a
+handler that wants to modify an input in place must ``.copy()`` it first. BYTES inputs are arrays of
+dtype object holding ``bytes`` elements.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Dict, List, Sequence
+
+from .proto import worker_pb2 as pb
+
+MISSING_NUMPY = "Open Inference Protocol tensor requests need numpy in the model's requirements.txt"
+
+# Open Inference Protocol datatype -> little-endian numpy dtype (BYTES is handled separately).
+_DTYPES: Dict[str, str] = {
+    "BOOL": "?",
+    "UINT8": "u1",
+    "UINT16": "<u2",
+    "UINT32": "<u4",
+    "UINT64": "<u8",
+    "INT8": "i1",
+    "INT16": "<i2",
+    "INT32": "<i4",
+    "INT64": "<i8",
+    "FP16": "<f2",
+    "FP32": "<f4",
+    "FP64": "<f8",
+}
+# (numpy dtype kind, item size) -> datatype, for outputs.
+_DATATYPES: Dict[Any, str] = {("b", 1): "BOOL"}
+_DATATYPES.update({("u", n): f"UINT{8 * n}" for n in (1, 2, 4, 8)})
+_DATATYPES.update({("i", n): f"INT{8 * n}" for n in (1, 2, 4, 8)})
+_DATATYPES.update({("f", n): f"FP{8 * n}" for n in (2, 4, 8)})
+
+_LENGTH = struct.Struct("<I")
+
+
+class TensorError(Exception):
+    """One item cannot be decoded or encoded; ``type_name`` goes into its ``ItemError``."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = message
+
+
+def load_numpy() -> Any:
+    """The numpy module, or `TensorError` ``MissingNumpy`` when the model's environment lacks it."""
+    try:
+        import numpy
+    except ImportError:
+        raise TensorError("MissingNumpy", MISSING_NUMPY) from None
+    return numpy
+
+
+def _invalid(tensor: pb.Tensor, problem: str) -> TensorError:
+    return TensorError(
+        "InvalidTensor",
+        f"tensor {tensor.name!r} ({tensor.datatype}, shape {list(tensor.shape)}, {len(tensor.data)} bytes): {problem}",
+    )
+
+
+def _decode_bytes(np: Any, tensor: pb.Tensor, count: int) -> Any:
+    data = tensor.data
+    elements: List[bytes] = []
+    offset = 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise _invalid(tensor, f"malformed BYTES data: truncated length prefix at byte {offset}")
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise _invalid(
+                tensor, f"malformed BYTES data: element {len(elements)} of {length} bytes runs past the end"
+            )
+        elements.append(data[offset : offset + length])
+        offset += length
+    if len(elements) != count:
+        raise _invalid(tensor, f"BYTES data holds {len(elements)} elements, the shape needs {count}")
+    array = np.empty(count, dtype=object)
+    array[:] = elements
+    return array
+
+
+def decode_tensor(np: Any, tensor: pb.Tensor) -> Any:
+    """One input tensor as an ndarray of its shape; `TensorError` ``InvalidTensor`` if inconsistent."""
+    if any(dim < 0 for dim in tensor.shape):
+        raise _invalid(tensor, "negative dimension in shape")
+    count = math.prod(tensor.shape)
+    if tensor.datatype == "BYTES":
+        flat = _decode_bytes(np, tensor, count)
+    else:
+        code = _DTYPES.get(tensor.datatype)
+        if code is None:
+            raise _invalid(tensor, f"unknown datatype {tensor.datatype!r}")
+        dtype = np.dtype(code)
+        expected = count * dtype.itemsize
+        if len(tensor.data) != expected:
+            raise _invalid(tensor, f"expected {expected} bytes ({count} elements × {dtype.itemsize} bytes)")
+        flat = np.frombuffer(tensor.data, dtype=dtype)
+    return flat.reshape(tuple(tensor.shape))
+
+
+def decode_tensor_item(item: pb.TensorItem) -> Dict[str, Any]:
+    """The item's input tensors as a dict name -> ndarray; raises `TensorError`."""
+    np = load_numpy()
+    inputs: Dict[str, Any] = {}
+    for tensor in item.tensors:
+        if tensor.name in inputs:
+            raise _invalid(tensor, "duplicate input name")
+        inputs[tensor.name] = decode_tensor(np, tensor)
+    return inputs
+
+
+def decode_tensor_items(items: Sequence[pb.TensorItem]) -> List[Dict[str, Any]]:
+    """Every item decoded; raises `TensorError` for the first bad one (batch.py isolates items)."""
+    return [decode_tensor_item(item) for item in items]
+
+
+def split_rows(results: Any) -> Any:
+    """A handler's ndarray of results as a list of rows (keeping the dtype), else ``results``."""
+    np = load_numpy()
+    if isinstance(results, np.ndarray) and results.ndim > 0:
+        return list(results)
+    return results
+
+
+def _encode_element(element: Any) -> bytes:
+    if isinstance(element, str):
+        return element.encode("utf-8")
+    if isinstance(element, bytes):
+        return element
+    raise TypeError(f"BYTES elements must be str or bytes, got {type(element).__name__}")
+
+
+def encode_tensor(np: Any, name: str, value: Any) -> pb.Tensor:
+    array = np.asarray(value)
+    if array.dtype.kind == "S" and not isinstance(value, np.ndarray):
+        # numpy's fixed-width bytes drop trailing NUL bytes: keep Python bytes objects as they are.
+        array = np.asarray(value, dtype=object)
+    shape = list(array.shape)
+    if array.dtype.kind in "USO":
+        parts: List[bytes] = []
+        for element in array.ravel(order="C").tolist():
+            encoded = _encode_element(element)
+            parts += (_LENGTH.pack(len(encoded)), encoded)
+        return pb.Tensor(name=name, datatype="BYTES", shape=shape, data=b"".join(parts))
+    datatype = _DATATYPES.get((array.dtype.kind, array.dtype.itemsize))
+    if datatype is None:
+        raise TensorError("NotSerializable", f"output {name!r} has dtype {array.dtype}, which no tensor datatype holds")
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
+    return pb.Tensor(name=name, datatype=datatype, shape=shape, data=data)
+
+
+def encode_tensor_outputs(result: Any) -> pb.TensorItem:
+    """One item's result: a dict name -> array-like, or one array-like (a tensor named "")."""
+    np = load_numpy()
+    if isinstance(result, dict):
+        for name in result:
+            if not isinstance(name, str):
+                raise TensorError("NotSerializable", f"output names must be str, got {type(name).__name__}")
+        return pb.TensorItem(tensors=[encode_tensor(np, name, value) for name, value in result.items()])
+    return pb.TensorItem(tensors=[encode_tensor(np, "", result)])
