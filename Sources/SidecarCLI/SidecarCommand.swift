@@ -8,7 +8,7 @@ struct SidecarCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sidecar",
         abstract: "Serve Python models from a directory: handler.py, requirements.txt, sidecar.yaml.",
-        subcommands: [PredictCommand.self])
+        subcommands: [PredictCommand.self, ServeCommand.self])
 }
 
 /// Options every command that starts models shares.

@@ -1,5 +1,6 @@
 import DequeModule
 import Foundation
+import Metrics
 import Synchronization
 
 /// How many batches a batcher formed and how many items they carried: their ratio is the batch size
@@ -104,9 +105,15 @@ final class Batcher: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Items per batch sent to a worker (`sidecar_batch_size`).
+    private let batchSizes: Recorder
+    /// Time from an item's arrival to its dispatch (`sidecar_queue_seconds`).
+    private let queueWait: Metrics.Timer
 
     init(modelName: String, batching: ModelConfiguration.Batching, maxRetries: Int) {
         self.modelName = modelName
+        self.batchSizes = Recorder(label: "sidecar_batch_size", dimensions: [("model", modelName)], aggregate: true)
+        self.queueWait = Metrics.Timer(label: "sidecar_queue_seconds", dimensions: [("model", modelName)])
         self.maxBatchSize = batching.maxBatchSize
         self.maxQueue = batching.maxQueue
         self.maxDelay = batching.maxDelay
@@ -189,6 +196,12 @@ final class Batcher: Sendable {
             switch step {
             case .batch(let job, let wake):
                 wake?.resume()
+                batchSizes.record(job.count)
+                let now = ContinuousClock.now
+                for chunk in job.chunks {
+                    let waited = (now - chunk.request.enqueuedAt).components
+                    queueWait.recordNanoseconds(waited.seconds * 1_000_000_000 + waited.attoseconds / 1_000_000_000)
+                }
                 return job
             case .finished:
                 return nil

@@ -106,4 +106,7 @@ public final class Model: Sendable {
 
     /// One status per worker slot.
     public var workers: [WorkerStatus] { executor.workers }
+
+    /// True while at least one worker is ready to take batches.
+    public var isReady: Bool { workers.contains { $0.state == .ready } }
 }

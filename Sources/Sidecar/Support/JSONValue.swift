@@ -36,8 +36,9 @@ public struct JSONValue: Sendable, Hashable, CustomStringConvertible {
         self.data = try JSONEncoder().encode(value)
     }
 
-    /// Wraps bytes already known to hold one JSON value (produced by a JSON encoder or by a worker).
-    init(trusted data: Data) {
+    /// Wraps bytes already known to hold one JSON value, produced by a JSON encoder or a worker.
+    /// Nothing is checked: passing anything else breaks the batch it travels in.
+    public init(trusted data: Data) {
         self.data = data
     }
 

@@ -52,6 +52,7 @@ public struct Tensor: Sendable, Equatable {
             }
         } else {
             let elements = try Self.bytesElements(data, name: name)
+
             guard elements.count == count else {
                 throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has \(count) elements, the BYTES data has \(elements.count)")
             }
@@ -59,6 +60,10 @@ public struct Tensor: Sendable, Equatable {
     }
 
     /// The elements of a BYTES tensor's length-prefixed data, as ranges of `data`.
+    public static func bytesElementRanges(_ data: Data) throws -> [Range<Int>] {
+        try bytesElements(data, name: "")
+    }
+
     static func bytesElements(_ data: Data, name: String) throws -> [Range<Int>] {
         var ranges: [Range<Int>] = []
         var i = data.startIndex

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 import Synchronization
 
 /// The supervisor of one model's Python worker processes.
@@ -101,6 +102,7 @@ final class WorkerPool: Executor {
 
             let message = "worker \(slot) \(exit.reason)"
             status.withLock { $0.lastError = message; $0.restarts += 1 }
+            Counter(label: "sidecar_worker_restarts_total", dimensions: [("model", spec.model)]).increment()
             if !unanswered.isEmpty {
                 logger.warning("\(message); \(unanswered.count) batch(es) it was running go back to the queue")
             } else {

@@ -2,6 +2,7 @@ import Foundation
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Logging
+import Metrics
 import SidecarWorkerProtocol
 import Subprocess
 import Synchronization
@@ -61,6 +62,8 @@ final class WorkerProcess: Sendable {
     }
 
     private let session = Mutex(Session())
+    /// Time the handler spent on each batch (`sidecar_compute_seconds`).
+    private let computeTime: Metrics.Timer
 
     init(
         spec: WorkerSpec, index: Int, generation: Int, batcher: Batcher, status: LockedBox<WorkerStatus>,
@@ -76,6 +79,7 @@ final class WorkerProcess: Sendable {
         logger[metadataKey: "worker"] = "\(index)"
         self.logger = logger
         self.onReady = onReady
+        self.computeTime = Metrics.Timer(label: "sidecar_compute_seconds", dimensions: [("model", spec.model)])
     }
 
     var socketPath: String { spec.socketDirectory.appendingPathComponent("w\(index)-\(generation).sock").path }
@@ -277,6 +281,7 @@ final class WorkerProcess: Sendable {
                         continue
                     }
                     status.withLock { $0.batchesServed += 1 }
+                    computeTime.recordNanoseconds(Int64(result.computeSeconds * 1e9))
                     job.deliver(BatchResultDecoder.results(of: result, count: job.count, tensors: !job.isJSON))
                 case .pong:
                     session.withLock { $0.lastPong = .now }

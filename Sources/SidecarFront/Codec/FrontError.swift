@@ -1,0 +1,123 @@
+import Foundation
+import GRPCCore
+import HTTPTypes
+import Hummingbird
+import NIOCore
+import NIOFoundationCompat
+import Sidecar
+
+/// A request that failed, with the HTTP status and gRPC code both protocols answer it with. Every
+/// error a front reports goes through here, so the two protocols never disagree.
+struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
+    enum Code: Sendable {
+        case invalidArgument, notFound, unavailable, queueFull, tooLarge, internalError
+    }
+
+    var code: Code
+    var message: String
+
+    init(_ code: Code, _ message: String) {
+        self.code = code
+        self.message = message
+    }
+
+    var description: String { message }
+
+    var status: HTTPResponse.Status {
+        switch code {
+        case .invalidArgument: return .badRequest
+        case .notFound: return .notFound
+        case .unavailable: return .serviceUnavailable
+        case .queueFull: return .tooManyRequests
+        case .tooLarge: return .contentTooLarge
+        case .internalError: return .internalServerError
+        }
+    }
+
+    var rpcCode: RPCError.Code {
+        switch code {
+        case .invalidArgument: return .invalidArgument
+        case .notFound: return .notFound
+        case .unavailable: return .unavailable
+        case .queueFull, .tooLarge: return .resourceExhausted
+        case .internalError: return .internalError
+        }
+    }
+
+    var rpcError: RPCError { RPCError(code: rpcCode, message: message) }
+
+    /// The label used in metrics.
+    var metricLabel: String {
+        switch code {
+        case .invalidArgument: return "invalid_argument"
+        case .notFound: return "not_found"
+        case .unavailable: return "unavailable"
+        case .queueFull: return "queue_full"
+        case .tooLarge: return "too_large"
+        case .internalError: return "internal"
+        }
+    }
+
+    /// `{"error": "..."}`, as Open Inference Protocol clients expect.
+    func response(from request: Request, context: some RequestContext) throws -> Response {
+        let body = try JSONEncoder().encode(["error": message])
+        var headers = HTTPFields()
+        headers[.contentType] = "application/json"
+        if code == .queueFull { headers[.retryAfter] = "1" }
+        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(data: body)))
+    }
+
+    /// Maps any error from the host, a model or a decoder to what the client is told.
+    static func from(_ error: any Error) -> FrontError {
+        switch error {
+        case let error as FrontError:
+            return error
+        case let error as SidecarError:
+            switch error.code {
+            case .notFound: return FrontError(.notFound, error.message)
+            case .invalidInput, .invalidModel: return FrontError(.invalidArgument, error.message)
+            case .queueFull: return FrontError(.queueFull, error.message)
+            case .unavailable: return FrontError(.unavailable, error.message)
+            default: return FrontError(.internalError, error.message)
+            }
+        case let error as PredictionError:
+            // The traceback goes to the log (the worker forwarded it); the client gets the message.
+            return FrontError(.internalError, "\(error.type): \(error.message)")
+        case let error as DecodingError:
+            return FrontError(.invalidArgument, "malformed request: \(describe(error))")
+        case is CancellationError:
+            return FrontError(.unavailable, "the request was cancelled")
+        default:
+            return FrontError(.internalError, "\(error)")
+        }
+    }
+
+    /// A DecodingError in one line, naming the field.
+    static func describe(_ error: DecodingError) -> String {
+        func path(_ context: DecodingError.Context) -> String {
+            let parts = context.codingPath.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined()
+            return parts.isEmpty ? "the body" : String(parts.drop(while: { $0 == "." }))
+        }
+        switch error {
+        case .keyNotFound(let key, let context):
+            let base = path(context)
+            return "missing field '\(key.stringValue)'" + (base == "the body" ? "" : " in \(base)")
+        case .typeMismatch(let type, let context): return "'\(path(context))' must be \(typeName(type))"
+        case .valueNotFound(let type, let context): return "'\(path(context))' must be \(typeName(type)), got null"
+        case .dataCorrupted(let context):
+            return context.codingPath.isEmpty ? "the body is not valid JSON" : "'\(path(context))': \(context.debugDescription)"
+        @unknown default: return "\(error)"
+        }
+    }
+
+    private static func typeName(_ type: Any.Type) -> String {
+        switch type {
+        case is String.Type: return "a string"
+        case is Int.Type, is Int64.Type: return "an integer"
+        case is [Int].Type: return "a list of integers"
+        case is Array<Any>.Type: return "a list"
+        case is Bool.Type: return "a boolean"
+        default: return "\(type)".contains("Array") ? "a list" : "an object"
+        }
+    }
+}

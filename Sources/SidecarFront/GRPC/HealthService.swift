@@ -1,0 +1,41 @@
+import GRPCCore
+import Sidecar
+import SidecarOIPProtocol
+
+/// `grpc.health.v1.Health`: the empty service name is the whole server (serving when every model
+/// has a ready worker), a model's name is that model, and `inference.GRPCInferenceService` is the
+/// inference service itself.
+struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
+    let host: ModelHost
+    let readiness: ServerReadiness
+
+    func check(request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext) async throws -> Grpc_Health_V1_HealthCheckResponse {
+        guard let status = status(of: request.service) else {
+            throw RPCError(code: .notFound, message: "unknown service '\(request.service)'; use '', a model name, or inference.GRPCInferenceService")
+        }
+        return .with { $0.status = status }
+    }
+
+    /// Sends the status now and again whenever it changes, until the client cancels.
+    func watch(
+        request: Grpc_Health_V1_HealthCheckRequest, response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>, context: ServerContext
+    ) async throws {
+        var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
+        while !Task.isCancelled {
+            let current = status(of: request.service) ?? .serviceUnknown
+            if current != last {
+                try await response.write(.with { $0.status = current })
+                last = current
+            }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+    }
+
+    private func status(of service: String) -> Grpc_Health_V1_HealthCheckResponse.ServingStatus? {
+        if service.isEmpty || service == "inference.GRPCInferenceService" {
+            return readiness.isReady ? .serving : .notServing
+        }
+        guard let model = host.model(named: service) else { return nil }
+        return model.isReady ? .serving : .notServing
+    }
+}

@@ -1,0 +1,227 @@
+import Foundation
+import GRPCCore
+import Sidecar
+import SidecarOIPProtocol
+
+/// `inference.GRPCInferenceService`: the Open Inference Protocol v2 over gRPC. Requests from every
+/// connection feed the same model batchers as the HTTP front.
+struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
+    let host: ModelHost
+    let readiness: ServerReadiness
+    let metrics: FrontMetrics
+
+    func serverLive(request: Inference_ServerLiveRequest, context: ServerContext) async throws -> Inference_ServerLiveResponse {
+        .with { $0.live = true }
+    }
+
+    func serverReady(request: Inference_ServerReadyRequest, context: ServerContext) async throws -> Inference_ServerReadyResponse {
+        .with { $0.ready = readiness.isReady }
+    }
+
+    func modelReady(request: Inference_ModelReadyRequest, context: ServerContext) async throws -> Inference_ModelReadyResponse {
+        let model = try model(request.name, version: request.version)
+        return .with { $0.ready = model.isReady }
+    }
+
+    func serverMetadata(request: Inference_ServerMetadataRequest, context: ServerContext) async throws -> Inference_ServerMetadataResponse {
+        .with {
+            $0.name = "sidecar"
+            $0.version = sidecarVersion
+            $0.extensions = ["kserve_v1", "metrics"]
+        }
+    }
+
+    func modelMetadata(request: Inference_ModelMetadataRequest, context: ServerContext) async throws -> Inference_ModelMetadataResponse {
+        let model = try model(request.name, version: request.version)
+        func describe(_ specs: [TensorSpec]) -> [Inference_ModelMetadataResponse.TensorMetadata] {
+            specs.map { spec in .with { $0.name = spec.name; $0.datatype = spec.datatype.rawValue; $0.shape = spec.shape.map(Int64.init) } }
+        }
+        return .with {
+            $0.name = model.name
+            $0.versions = ["1"]
+            $0.platform = "sidecar_python"
+            $0.inputs = describe(model.configuration.inputs)
+            $0.outputs = describe(model.configuration.outputs)
+        }
+    }
+
+    func modelConfig(request: Inference_ModelConfigRequest, context: ServerContext) async throws -> Inference_ModelConfigResponse {
+        let model = try model(request.name, version: request.version)
+        func describe(_ spec: TensorSpec) -> (Inference_DataType, [Int64]) { (GRPCTensors.configType(spec.datatype), spec.shape.map(Int64.init)) }
+        return .with {
+            $0.config = .with { config in
+                config.name = model.name
+                config.platform = "sidecar_python"
+                config.backend = "python"
+                config.maxBatchSize = 0  // each request is one item; Sidecar batches requests itself
+                config.input = model.configuration.inputs.map { spec in
+                    .with { $0.name = spec.name; ($0.dataType, $0.dims) = describe(spec) }
+                }
+                config.output = model.configuration.outputs.map { spec in
+                    .with { $0.name = spec.name; ($0.dataType, $0.dims) = describe(spec) }
+                }
+            }
+        }
+    }
+
+    func modelInfer(request: Inference_ModelInferRequest, context: ServerContext) async throws -> Inference_ModelInferResponse {
+        do {
+            return try await infer(request)
+        } catch {
+            throw FrontError.from(error).rpcError
+        }
+    }
+
+    /// Each request of the stream runs as soon as it arrives (so they batch with each other), and
+    /// its response is written when it completes; a failed request gets `error_message` and the
+    /// stream goes on.
+    func modelStreamInfer(
+        request: RPCAsyncSequence<Inference_ModelInferRequest, any Error>,
+        response: RPCWriter<Inference_ModelStreamInferResponse>,
+        context: ServerContext
+    ) async throws {
+        let (responses, sink) = AsyncStream.makeStream(of: Inference_ModelStreamInferResponse.self)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                for await message in responses { try await response.write(message) }
+            }
+            do {
+                try await withThrowingTaskGroup(of: Void.self) { requests in
+                    for try await inferRequest in request {
+                        requests.addTask {
+                            do {
+                                let answer = try await infer(inferRequest)
+                                sink.yield(.with { $0.inferResponse = answer })
+                            } catch {
+                                sink.yield(.with {
+                                    $0.errorMessage = FrontError.from(error).message
+                                    $0.inferResponse = .with { $0.id = inferRequest.id; $0.modelName = inferRequest.modelName }
+                                })
+                            }
+                        }
+                    }
+                    try await requests.waitForAll()
+                }
+            } catch {
+                sink.finish()
+                throw error
+            }
+            sink.finish()
+            try await group.waitForAll()
+        }
+    }
+
+    private func model(_ name: String, version: String) throws -> Model {
+        guard let model = host.model(named: name) else {
+            throw RPCError(code: .notFound, message: "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+        }
+        guard version.isEmpty || version == "1" else {
+            throw RPCError(code: .notFound, message: "model '\(name)' has no version '\(version)'; it serves version 1")
+        }
+        return model
+    }
+
+    private func infer(_ request: Inference_ModelInferRequest) async throws -> Inference_ModelInferResponse {
+        let start = ContinuousClock.now
+        do {
+            let model = try model(request.modelName, version: request.modelVersion)
+            let inputs = try GRPCTensors.inputs(of: request)
+            let outputs = try await model.infer(inputs)
+            var selected = outputs
+            if !request.outputs.isEmpty {
+                selected = try request.outputs.map { wanted in
+                    guard let tensor = outputs.first(where: { $0.name == wanted.name }) else {
+                        throw FrontError(.invalidArgument, "requested output '\(wanted.name)' is not among the model's outputs (\(outputs.map(\.name).joined(separator: ", ")))")
+                    }
+                    return tensor
+                }
+            }
+            metrics.record(model: request.modelName, protocol: "grpc", since: start, error: nil)
+            return .with {
+                $0.modelName = model.name
+                $0.modelVersion = "1"
+                $0.id = request.id
+                $0.outputs = selected.map { tensor in
+                    .with { $0.name = tensor.name; $0.datatype = tensor.datatype.rawValue; $0.shape = tensor.shape.map(Int64.init) }
+                }
+                $0.rawOutputContents = selected.map(\.data)
+            }
+        } catch let error as RPCError {
+            metrics.record(model: request.modelName, protocol: "grpc", since: start, error: FrontError(.notFound, error.message))
+            throw error
+        } catch {
+            metrics.record(model: request.modelName, protocol: "grpc", since: start, error: FrontError.from(error))
+            throw error
+        }
+    }
+}
+
+/// Open Inference Protocol gRPC tensors ↔ ``Tensor``.
+enum GRPCTensors {
+    /// The request's inputs, from `raw_input_contents` (one entry per input, in order) or from each
+    /// input's typed `contents`.
+    static func inputs(of request: Inference_ModelInferRequest) throws -> [Tensor] {
+        let raw = request.rawInputContents
+        if !raw.isEmpty, raw.count != request.inputs.count {
+            throw FrontError(
+                .invalidArgument,
+                "raw_input_contents has \(raw.count) entries for \(request.inputs.count) inputs; send one per input, in order")
+        }
+        return try request.inputs.enumerated().map { index, input in
+            guard let datatype = TensorDataType(rawValue: input.datatype) else {
+                throw FrontError(
+                    .invalidArgument,
+                    "input '\(input.name)': unknown datatype '\(input.datatype)'; expected one of \(TensorDataType.allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            let data = raw.isEmpty ? try typed(input.contents, datatype, name: input.name) : raw[index]
+            return Tensor(name: input.name, datatype: datatype, shape: input.shape.map { Int($0) }, data: data)
+        }
+    }
+
+    private static func typed(_ contents: Inference_InferTensorContents, _ datatype: TensorDataType, name: String) throws -> Data {
+        var data = Data()
+        func put<T: FixedWidthInteger>(_ values: [some BinaryInteger], as type: T.Type) throws {
+            for value in values {
+                guard let narrowed = T(exactly: value) else {
+                    throw FrontError(.invalidArgument, "input '\(name)': \(value) does not fit \(datatype.rawValue)")
+                }
+                TensorJSON.append(narrowed, to: &data)
+            }
+        }
+        switch datatype {
+        case .bool: data = Data(contents.boolContents.map { $0 ? 1 : 0 })
+        case .int8: try put(contents.intContents, as: Int8.self)
+        case .int16: try put(contents.intContents, as: Int16.self)
+        case .int32: try put(contents.intContents, as: Int32.self)
+        case .int64: try put(contents.int64Contents, as: Int64.self)
+        case .uint8: try put(contents.uintContents, as: UInt8.self)
+        case .uint16: try put(contents.uintContents, as: UInt16.self)
+        case .uint32: try put(contents.uintContents, as: UInt32.self)
+        case .uint64: try put(contents.uint64Contents, as: UInt64.self)
+        case .fp32: for value in contents.fp32Contents { TensorJSON.append(value.bitPattern, to: &data) }
+        case .fp64: for value in contents.fp64Contents { TensorJSON.append(value.bitPattern, to: &data) }
+        case .bytes: data = Tensor.bytesData(contents.bytesContents)
+        case .fp16:
+            throw FrontError(.invalidArgument, "input '\(name)': FP16 has no typed contents field; send it in raw_input_contents")
+        }
+        return data
+    }
+
+    static func configType(_ datatype: TensorDataType) -> Inference_DataType {
+        switch datatype {
+        case .bool: return .typeBool
+        case .uint8: return .typeUint8
+        case .uint16: return .typeUint16
+        case .uint32: return .typeUint32
+        case .uint64: return .typeUint64
+        case .int8: return .typeInt8
+        case .int16: return .typeInt16
+        case .int32: return .typeInt32
+        case .int64: return .typeInt64
+        case .fp16: return .typeFp16
+        case .fp32: return .typeFp32
+        case .fp64: return .typeFp64
+        case .bytes: return .typeString
+        }
+    }
+}

@@ -1,0 +1,181 @@
+import Foundation
+import HTTPTypes
+import Hummingbird
+import NIOCore
+import NIOFoundationCompat
+import Sidecar
+
+/// The HTTP front: Open Inference Protocol v2 (JSON and binary tensors), KServe v1, health and
+/// Prometheus metrics, all on one Hummingbird router. Every route drives the same ``ModelHost``, so
+/// requests from every connection and protocol share each model's batcher.
+struct HTTPFront: Sendable {
+    let host: ModelHost
+    let readiness: ServerReadiness
+    let metrics: FrontMetrics
+    /// The largest request body accepted; larger ones are answered 413.
+    let maxBodyBytes: Int
+
+    static let inferenceHeaderLength = HTTPField.Name("Inference-Header-Content-Length")!
+
+    func router() -> Router<BasicRequestContext> {
+        let router = Router(context: BasicRequestContext.self)
+        router.get("v2/health/live") { _, _ in json(["live": true]) }
+        router.get("v2/health/ready") { _, _ in
+            let ready = readiness.isReady
+            return json(["ready": ready], status: ready ? .ok : .serviceUnavailable)
+        }
+        router.get("v2") { _, _ in
+            json(ServerMetadata(name: "sidecar", version: sidecarVersion, extensions: ["binary_tensor_data", "kserve_v1", "metrics"]))
+        }
+        router.get("v2/models/{model}") { _, context in try metadata(context) }
+        router.get("v2/models/{model}/versions/{version}") { _, context in try metadata(context) }
+        router.get("v2/models/{model}/ready") { _, context in try modelReady(context) }
+        router.get("v2/models/{model}/versions/{version}/ready") { _, context in try modelReady(context) }
+        router.post("v2/models/{model}/infer") { request, context in try await infer(request, context) }
+        router.post("v2/models/{model}/versions/{version}/infer") { request, context in try await infer(request, context) }
+        router.post("v1/models/{spec}") { request, context in try await predictV1(request, context) }
+        router.get("metrics") { _, _ in
+            var headers = HTTPFields()
+            headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: metrics.exposition(host: host))))
+        }
+        return router
+    }
+
+    struct ServerMetadata: Encodable {
+        var name: String
+        var version: String
+        var extensions: [String]
+    }
+
+    struct ModelMetadata: Encodable {
+        struct TensorMetadata: Encodable {
+            var name: String
+            var datatype: String
+            var shape: [Int]
+        }
+
+        var name: String
+        var versions: [String]
+        var platform: String
+        var inputs: [TensorMetadata]
+        var outputs: [TensorMetadata]
+    }
+
+    private func model(_ context: BasicRequestContext) throws -> Model {
+        let name = try context.parameters.require("model")
+        guard let model = host.model(named: name) else {
+            throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+        }
+        if let version = context.parameters.get("version"), version != "1" {
+            throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1")
+        }
+        return model
+    }
+
+    private func metadata(_ context: BasicRequestContext) throws -> Response {
+        let model = try model(context)
+        func describe(_ specs: [TensorSpec]) -> [ModelMetadata.TensorMetadata] {
+            specs.map { .init(name: $0.name, datatype: $0.datatype.rawValue, shape: $0.shape) }
+        }
+        return json(ModelMetadata(
+            name: model.name, versions: ["1"], platform: "sidecar_python",
+            inputs: describe(model.configuration.inputs), outputs: describe(model.configuration.outputs)))
+    }
+
+    private func modelReady(_ context: BasicRequestContext) throws -> Response {
+        let model = try model(context)
+        return json(["ready": model.isReady], status: model.isReady ? .ok : .serviceUnavailable)
+    }
+
+    private func body(_ request: Request) async throws -> Data {
+        do {
+            return Data(buffer: try await request.body.collect(upTo: maxBodyBytes))
+        } catch let error as HTTPError where error.status == .contentTooLarge {
+            throw FrontError(.tooLarge, "the request body exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)")
+        }
+    }
+
+    private func infer(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let start = ContinuousClock.now
+        let name = context.parameters.get("model") ?? "?"
+        do {
+            let model = try model(context)
+            let headerLength: Int?
+            if let value = request.headers[Self.inferenceHeaderLength] {
+                guard let length = Int(value) else {
+                    throw FrontError(.invalidArgument, "Inference-Header-Content-Length must be an integer, got '\(value)'")
+                }
+                headerLength = length
+            } else {
+                headerLength = nil
+            }
+            let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
+            let outputs = try await model.infer(decoded.inputs)
+            let (payload, jsonLength) = try HTTPInference.encode(outputs, for: decoded, model: model.name)
+            var headers = HTTPFields()
+            if let jsonLength {
+                headers[.contentType] = "application/octet-stream"
+                headers[Self.inferenceHeaderLength] = "\(jsonLength)"
+            } else {
+                headers[.contentType] = "application/json"
+            }
+            metrics.record(model: name, protocol: "http", since: start, error: nil)
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: payload)))
+        } catch {
+            let failure = FrontError.from(error)
+            metrics.record(model: name, protocol: "http", since: start, error: failure)
+            throw failure
+        }
+    }
+
+    /// KServe v1: `{"instances": [...]}` → `{"predictions": [...]}`, each instance one item.
+    private func predictV1(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        let start = ContinuousClock.now
+        let spec = try context.parameters.require("spec")
+        guard spec.hasSuffix(":predict") else {
+            throw FrontError(.notFound, "unknown KServe v1 verb in '\(spec)'; use POST /v1/models/NAME:predict")
+        }
+        let name = String(spec.dropLast(":predict".count))
+        do {
+            guard let model = host.model(named: name) else {
+                throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+            }
+            struct V1Request: Decodable { var instances: [JSONElement] }
+            let v1: V1Request
+            do { v1 = try JSONDecoder().decode(V1Request.self, from: try await body(request)) } catch { throw FrontError.from(error) }
+            let encoder = JSONEncoder()
+            let items = try v1.instances.map { JSONValue(trusted: try encoder.encode($0)) }
+            let results = try await model.predict(batch: items)
+            var out = Data(#"{"predictions":["#.utf8)
+            for (index, result) in results.enumerated() {
+                switch result {
+                case .success(let value):
+                    if index > 0 { out.append(UInt8(ascii: ",")) }
+                    out.append(value.data)
+                case .failure(let error):
+                    throw FrontError(.internalError, "instance \(index): \(error.type): \(error.message)")
+                }
+            }
+            out.append(contentsOf: "]}".utf8)
+            metrics.record(model: name, protocol: "kserve_v1", since: start, error: nil)
+            var headers = HTTPFields()
+            headers[.contentType] = "application/json"
+            return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: out)))
+        } catch {
+            let failure = FrontError.from(error)
+            metrics.record(model: name, protocol: "kserve_v1", since: start, error: failure)
+            throw failure
+        }
+    }
+}
+
+/// A JSON response.
+func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) -> Response {
+    var headers = HTTPFields()
+    headers[.contentType] = "application/json"
+    let body = (try? JSONEncoder().encode(value)) ?? Data("{}".utf8)
+    return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(data: body)))
+}
+
+let sidecarVersion = "0.1.0"

@@ -1,0 +1,65 @@
+import Metrics
+import Prometheus
+import Sidecar
+import Synchronization
+
+/// The Prometheus side of Sidecar's metrics.
+///
+/// The core records through swift-metrics (batch sizes, queue wait, compute time, restarts); the
+/// front adds requests, errors and latency per model and protocol, and at each scrape the queue depth
+/// and the worker counts by state. `bootstrap()` points swift-metrics at this registry once per
+/// process.
+final class FrontMetrics: Sendable {
+    let registry: PrometheusCollectorRegistry
+
+    private static let bootstrapped = Mutex<PrometheusCollectorRegistry?>(nil)
+
+    /// The process-wide registry: swift-metrics can be bootstrapped only once.
+    static func shared() -> FrontMetrics {
+        let registry = bootstrapped.withLock { current -> PrometheusCollectorRegistry in
+            if let current { return current }
+            let registry = PrometheusCollectorRegistry()
+            var factory = PrometheusMetricsFactory(registry: registry)
+            factory.defaultValueHistogramBuckets = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+            factory.defaultDurationHistogramBuckets = [
+                .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .milliseconds(2.5),
+                .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+                .milliseconds(250), .milliseconds(500), .seconds(1), .seconds(2.5), .seconds(10),
+            ]
+            MetricsSystem.bootstrap(factory)
+            current = registry
+            return registry
+        }
+        return FrontMetrics(registry: registry)
+    }
+
+    private init(registry: PrometheusCollectorRegistry) { self.registry = registry }
+
+    /// Counts one request and its latency; `error` is nil when it succeeded.
+    func record(model: String, protocol proto: String, since start: ContinuousClock.Instant, error: FrontError?) {
+        let labels = [("model", model), ("protocol", proto)]
+        Counter(label: "sidecar_requests_total", dimensions: labels).increment()
+        if let error {
+            Counter(label: "sidecar_request_errors_total", dimensions: labels + [("code", error.metricLabel)]).increment()
+        }
+        let elapsed = (ContinuousClock.now - start).components
+        Metrics.Timer(label: "sidecar_request_seconds", dimensions: labels)
+            .recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+    }
+
+    /// The exposition text, with the gauges read from the host now.
+    func exposition(host: ModelHost) -> String {
+        for name in host.modelNames {
+            guard let model = host.model(named: name) else { continue }
+            registry.makeGauge(name: "sidecar_queue_depth", labels: [("model", name)]).set(Double(model.queuedItems))
+            let workers = model.workers
+            for state in [WorkerStatus.State.starting, .ready, .draining, .stopped] {
+                registry.makeGauge(name: "sidecar_workers", labels: [("model", name), ("state", state.rawValue)])
+                    .set(Double(workers.filter { $0.state == state }.count))
+            }
+            registry.makeGauge(name: "sidecar_worker_restarts", labels: [("model", name)])
+                .set(Double(workers.reduce(0) { $0 + $1.restarts }))
+        }
+        return registry.emitToString()
+    }
+}

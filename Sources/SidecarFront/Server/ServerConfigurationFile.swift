@@ -1,0 +1,52 @@
+import Foundation
+import Sidecar
+import Yams
+
+/// Reads a server configuration file (`sidecar serve --config FILE`). Unknown keys and bad values
+/// are errors naming the file and the key, as for a model's `sidecar.yaml`.
+public enum ServerConfigurationFile {
+    public static func read(_ path: String) throws -> ServerConfiguration {
+        let text: String
+        do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
+            throw SidecarError(.invalidModel, "\(path): cannot read the server configuration: \(error.localizedDescription)")
+        }
+        var configuration = ServerConfiguration()
+        guard let root = try Yams.compose(yaml: text) else { return configuration }
+        guard let mapping = root.mapping else { throw SidecarError(.invalidModel, "\(path): the top level must be a mapping of keys") }
+        let keys = ["models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args"]
+        func fail(_ key: String, _ expected: String) -> SidecarError {
+            SidecarError(.invalidModel, "\(path): '\(key)' must be \(expected)")
+        }
+        func int(_ node: Yams.Node, _ key: String, _ range: ClosedRange<Int>) throws -> Int {
+            guard let value = node.int, range.contains(value) else { throw fail(key, "an integer from \(range.lowerBound) to \(range.upperBound)") }
+            return value
+        }
+        func strings(_ node: Yams.Node, _ key: String) throws -> [String] {
+            guard case .sequence(let seq) = node else { throw fail(key, "a list of strings") }
+            return try seq.map { guard let s = $0.string else { throw fail(key, "a list of strings") }; return s }
+        }
+        var cacheDir: String?
+        var pipArgs: [String] = []
+        for (k, v) in mapping {
+            guard let key = k.string, keys.contains(key) else {
+                throw SidecarError(.invalidModel, "\(path): unknown key '\(k.string ?? "?")'; expected one of: \(keys.joined(separator: ", "))")
+            }
+            // Relative model paths are relative to the file, so the file works from any directory.
+            let base = URL(fileURLWithPath: path).deletingLastPathComponent()
+            switch key {
+            case "models": configuration.models = try strings(v, key).map { $0.hasPrefix("/") ? $0 : base.appendingPathComponent($0).path }
+            case "workers": configuration.workers = try int(v, key, 1...256)
+            case "host": guard let s = v.string, !s.isEmpty else { throw fail(key, "an address") }; configuration.host = s
+            case "http_port": configuration.httpPort = try int(v, key, 0...65535)
+            case "grpc_port": configuration.grpcPort = try int(v, key, 0...65535)
+            case "max_body_bytes": configuration.maxBodyBytes = try int(v, key, 1...(1 << 34))
+            case "max_grpc_message_bytes": configuration.maxGRPCMessageBytes = try int(v, key, 1...(1 << 31 - 1))
+            case "cache_dir": cacheDir = v.string
+            default: pipArgs = try strings(v, key)
+            }
+        }
+        configuration.hostOptions = HostOptions(
+            environment: EnvironmentOptions(cacheDirectory: cacheDir.map { URL(fileURLWithPath: $0) }, pipArgs: pipArgs))
+        return configuration
+    }
+}
