@@ -19,3 +19,14 @@ echo "== pytest: python/tests"
 echo "== swift test"
 swift build --build-tests
 swift test --skip-build "$@"
+
+# The network front as its users meet it: a real `sidecar serve`, called by the stock Open
+# Inference Protocol client from PyPI (tritonclient, HTTP and gRPC), grpc health and curl.
+e2e="$root/.build/e2e-venv"
+if [ ! -x "$e2e/bin/python" ]; then
+  /usr/bin/python3.11 -m venv "$e2e"
+fi
+"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
+echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl)"
+SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e

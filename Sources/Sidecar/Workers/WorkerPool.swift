@@ -63,7 +63,9 @@ final class WorkerPool: Executor {
         resolveReadiness(.failure(SidecarError(.unavailable, "model '\(spec.model)' was stopped while starting")))
     }
 
-    private var isStopping: Bool { state.withLock { $0.stopping } }
+    /// Stopping, or cancelled: a cancelled task cannot sleep through a backoff, so without the
+    /// cancellation check the slot loop would restart workers in a tight loop.
+    private var isStopping: Bool { state.withLock { $0.stopping } || Task.isCancelled }
 
     private func resolveReadiness(_ outcome: Result<Void, SidecarError>) {
         let waiters: [CheckedContinuation<Void, any Error>] = state.withLock { state in

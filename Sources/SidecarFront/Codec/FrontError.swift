@@ -72,6 +72,14 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         switch error {
         case let error as FrontError:
             return error
+        case let error as RPCError:
+            switch error.code {
+            case .notFound: return FrontError(.notFound, error.message)
+            case .invalidArgument: return FrontError(.invalidArgument, error.message)
+            case .resourceExhausted: return FrontError(.queueFull, error.message)
+            case .unavailable: return FrontError(.unavailable, error.message)
+            default: return FrontError(.internalError, error.message)
+            }
         case let error as SidecarError:
             switch error.code {
             case .notFound: return FrontError(.notFound, error.message)

@@ -73,6 +73,14 @@ enum HTTPInference {
                         .invalidArgument,
                         "input '\(input.name)': binary_data_size is \(size) but only \(binary.endIndex - offset) binary bytes remain after the JSON header")
                 }
+                if let element = datatype.elementSize {
+                    let needed = input.shape.reduce(1, *) * element
+                    guard size == needed else {
+                        throw FrontError(
+                            .invalidArgument,
+                            "input '\(input.name)': binary_data_size is \(size) but shape \(input.shape) of \(datatype.rawValue) needs \(needed) bytes")
+                    }
+                }
                 data = binary[offset..<(offset + size)]
                 offset += size
             } else if let values = input.data {

@@ -1,4 +1,5 @@
 import GRPCCore
+import ServiceLifecycle
 import Sidecar
 import SidecarOIPProtocol
 
@@ -16,18 +17,19 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
         return .with { $0.status = status }
     }
 
-    /// Sends the status now and again whenever it changes, until the client cancels.
+    /// Sends the status now and again whenever it changes, until the client cancels or the server
+    /// shuts down (a graceful shutdown waits for open streams, so a watch must end by itself).
     func watch(
         request: Grpc_Health_V1_HealthCheckRequest, response: RPCWriter<Grpc_Health_V1_HealthCheckResponse>, context: ServerContext
     ) async throws {
         var last: Grpc_Health_V1_HealthCheckResponse.ServingStatus?
-        while !Task.isCancelled {
+        while !Task.isCancelled, !context.cancellation.isCancelled, !Task.isShuttingDownGracefully {
             let current = status(of: request.service) ?? .serviceUnknown
             if current != last {
                 try await response.write(.with { $0.status = current })
                 last = current
             }
-            try await Task.sleep(for: .milliseconds(500))
+            try? await Task.sleep(for: .milliseconds(250))
         }
     }
 

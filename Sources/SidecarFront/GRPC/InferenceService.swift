@@ -9,6 +9,8 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     let host: ModelHost
     let readiness: ServerReadiness
     let metrics: FrontMetrics
+    /// Requests whose tensors exceed this are refused with RESOURCE_EXHAUSTED.
+    let maxMessageBytes: Int
 
     func serverLive(request: Inference_ServerLiveRequest, context: ServerContext) async throws -> Inference_ServerLiveResponse {
         .with { $0.live = true }
@@ -67,6 +69,8 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     func modelInfer(request: Inference_ModelInferRequest, context: ServerContext) async throws -> Inference_ModelInferResponse {
         do {
             return try await infer(request)
+        } catch let error as RPCError {
+            throw error
         } catch {
             throw FrontError.from(error).rpcError
         }
@@ -124,6 +128,10 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     private func infer(_ request: Inference_ModelInferRequest) async throws -> Inference_ModelInferResponse {
         let start = ContinuousClock.now
         do {
+            let size = GRPCTensors.payloadBytes(of: request)
+            guard size <= maxMessageBytes else {
+                throw FrontError(.tooLarge, "the request's tensors hold \(size) bytes, over the limit of \(maxMessageBytes) (--max-grpc-message-bytes)")
+            }
             let model = try model(request.modelName, version: request.modelVersion)
             let inputs = try GRPCTensors.inputs(of: request)
             let outputs = try await model.infer(inputs)
@@ -176,6 +184,17 @@ enum GRPCTensors {
             let data = raw.isEmpty ? try typed(input.contents, datatype, name: input.name) : raw[index]
             return Tensor(name: input.name, datatype: datatype, shape: input.shape.map { Int($0) }, data: data)
         }
+    }
+
+    /// The bytes a request's tensors occupy (raw contents, or typed contents at their element size).
+    static func payloadBytes(of request: Inference_ModelInferRequest) -> Int {
+        request.rawInputContents.reduce(0) { $0 + $1.count }
+            + request.inputs.reduce(0) { total, input in
+                let c = input.contents
+                return total + c.boolContents.count + 4 * (c.intContents.count + c.uintContents.count + c.fp32Contents.count)
+                    + 8 * (c.int64Contents.count + c.uint64Contents.count + c.fp64Contents.count)
+                    + c.bytesContents.reduce(0) { $0 + 4 + $1.count }
+            }
     }
 
     private static func typed(_ contents: Inference_InferTensorContents, _ datatype: TensorDataType, name: String) throws -> Data {

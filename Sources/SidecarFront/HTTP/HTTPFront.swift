@@ -89,10 +89,13 @@ struct HTTPFront: Sendable {
     }
 
     private func body(_ request: Request) async throws -> Data {
+        let tooLarge = FrontError(.tooLarge, "the request body exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)")
+        // Refuse by the declared length before reading anything; a chunked body is cut off at the limit.
+        if let declared = request.headers[.contentLength].flatMap({ Int($0) }), declared > maxBodyBytes { throw tooLarge }
         do {
             return Data(buffer: try await request.body.collect(upTo: maxBodyBytes))
-        } catch let error as HTTPError where error.status == .contentTooLarge {
-            throw FrontError(.tooLarge, "the request body exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)")
+        } catch is NIOTooManyBytesError {
+            throw tooLarge
         }
     }
 

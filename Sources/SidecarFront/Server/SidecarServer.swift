@@ -47,12 +47,15 @@ public func runServer(
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
 
+    // The transport resets a stream whose message exceeds its cap (clients see CANCELLED), so the
+    // configured limit is enforced by the service, which answers RESOURCE_EXHAUSTED with a message;
+    // the transport's cap stays 4× higher as a memory backstop.
     var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
-    transportConfig.rpc.maxRequestPayloadSize = configuration.maxGRPCMessageBytes
+    transportConfig.rpc.maxRequestPayloadSize = min(Int(Int32.max), configuration.maxGRPCMessageBytes * 4)
     let grpc = GRPCServer(
         transport: .http2NIOPosix(
             address: .ipv4(host: configuration.host, port: configuration.grpcPort), transportSecurity: .plaintext, config: transportConfig),
-        services: [InferenceService(host: host, readiness: readiness, metrics: metrics), HealthService(host: host, readiness: readiness)])
+        services: [InferenceService(host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes), HealthService(host: host, readiness: readiness)])
 
     let group = ServiceGroup(
         configuration: .init(

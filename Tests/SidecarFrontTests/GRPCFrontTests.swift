@@ -1,0 +1,152 @@
+import Foundation
+import GRPCCore
+import GRPCNIOTransportHTTP2
+import Sidecar
+import SidecarOIPProtocol
+import Testing
+@testable import SidecarFront
+
+/// The gRPC services through a real server on real sockets (port 0), called with grpc-swift clients.
+@Suite(.serialized) struct GRPCFrontTests {
+    func withServer(_ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Void) async throws {
+        var configuration = ServerConfiguration()
+        configuration.models = [try FrontFixtures.typedModel().path, try FrontFixtures.echoModel().path]
+        configuration.httpPort = 0
+        configuration.grpcPort = 0
+        configuration.maxGRPCMessageBytes = 1 << 20
+        configuration.hostOptions = FrontFixtures.hostOptions
+        let (ports, sink) = AsyncStream.makeStream(of: Int.self)
+        let server = Task { [configuration] in
+            try await runServer(configuration, logger: FrontFixtures.logger) { _, grpc in sink.yield(grpc) }
+        }
+        defer { server.cancel() }
+        var iterator = ports.makeAsyncIterator()
+        let port = try #require(await iterator.next())
+        try await withGRPCClient(
+            transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
+        ) { client in
+            let inference = Inference_GRPCInferenceService.Client(wrapping: client)
+            let deadline = ContinuousClock.now.advanced(by: .seconds(240))
+            while try await !inference.serverReady(.init()).ready {
+                guard ContinuousClock.now < deadline else { Issue.record("server never became ready"); return }
+                try await Task.sleep(for: .milliseconds(100))
+            }
+            try await body(client)
+        }
+        server.cancel()
+        _ = await server.result
+    }
+
+    static func request(_ values: [Float], model: String = "typed", shape: [Int64] = [1, 4]) -> Inference_ModelInferRequest {
+        .with {
+            $0.modelName = model
+            $0.id = "r"
+            $0.inputs = [.with { $0.name = "x"; $0.datatype = "FP32"; $0.shape = shape }]
+            $0.rawInputContents = [FrontFixtures.fp32Data(values)]
+        }
+    }
+
+    @Test func inferenceService() async throws {
+        try await withServer { client in
+            let inference = Inference_GRPCInferenceService.Client(wrapping: client)
+            #expect(try await inference.serverLive(.init()).live)
+            #expect(try await inference.modelReady(.with { $0.name = "typed" }).ready)
+            #expect(try await inference.serverMetadata(.init()).name == "sidecar")
+
+            let metadata = try await inference.modelMetadata(.with { $0.name = "typed" })
+            #expect(metadata.inputs.map(\.name) == ["x"])
+            #expect(metadata.inputs.first?.shape == [-1, 4])
+            let config = try await inference.modelConfig(.with { $0.name = "typed" })
+            #expect(config.config.input.first?.dataType == .typeFp32)
+
+            // Raw contents in, raw contents out.
+            let raw = try await inference.modelInfer(Self.request([1, 2, 3, 4]))
+            #expect(raw.id == "r")
+            let doubled = try #require(raw.outputs.firstIndex { $0.name == "doubled" })
+            #expect(raw.rawOutputContents[doubled] == FrontFixtures.fp32Data([2, 4, 6, 8]))
+            let label = try #require(raw.outputs.firstIndex { $0.name == "label" })
+            #expect(raw.outputs[label].datatype == "BYTES")
+            #expect(raw.rawOutputContents[label] == Tensor.bytesData([Data("ok".utf8)]))
+
+            // Typed contents in; a requested subset of outputs.
+            let typed = try await inference.modelInfer(.with {
+                $0.modelName = "typed"
+                $0.inputs = [.with { $0.name = "x"; $0.datatype = "FP32"; $0.shape = [1, 4]; $0.contents.fp32Contents = [1, 1, 1, 1] }]
+                $0.outputs = [.with { $0.name = "doubled" }]
+            })
+            #expect(typed.outputs.map(\.name) == ["doubled"])
+            #expect(typed.rawOutputContents == [FrontFixtures.fp32Data([2, 2, 2, 2])])
+
+            // BYTES through the echo model.
+            let bytes = try await inference.modelInfer(.with {
+                $0.modelName = "echo"
+                $0.inputs = [.with { $0.name = "s"; $0.datatype = "BYTES"; $0.shape = [2]; $0.contents.bytesContents = [Data("é".utf8), Data()] }]
+            })
+            #expect(bytes.rawOutputContents == [Tensor.bytesData([Data("é".utf8), Data()])])
+        }
+    }
+
+    @Test func errorsCarryTheRightCodes() async throws {
+        try await withServer { client in
+            let inference = Inference_GRPCInferenceService.Client(wrapping: client)
+            let cases: [(Inference_ModelInferRequest, RPCError.Code, String)] = [
+                (Self.request([1, 2, 3, 4], model: "nope"), .notFound, "no model named 'nope'"),
+                (Self.request([1, 2, 3], shape: [1, 3]), .invalidArgument, "must have shape [-1, 4]"),
+                (Self.request([1, 2, 3], shape: [1, 4]), .invalidArgument, "needs 16 bytes"),
+                (Self.request([-1, 2, 3, 4]), .internalError, "ValueError: negative input"),
+                (Self.request(Array(repeating: 1, count: 300_000), shape: [75_000, 4]), .resourceExhausted, "over the limit of 1048576"),
+            ]
+            for (request, code, message) in cases {
+                let error = await #expect(throws: RPCError.self) { try await inference.modelInfer(request) }
+                #expect(error?.code == code, "\(String(describing: error))")
+                #expect(error?.message.contains(message) == true, "\(error?.message ?? "") should contain \(message)")
+            }
+            let stillGood = try await inference.modelInfer(Self.request([1, 2, 3, 4]))
+            #expect(stillGood.outputs.count == 2)
+        }
+    }
+
+    @Test func streamingAnswersEveryRequest() async throws {
+        try await withServer { client in
+            let inference = Inference_GRPCInferenceService.Client(wrapping: client)
+            let answers = try await inference.modelStreamInfer(
+                requestProducer: { writer in
+                    for n in 0..<19 {
+                        var request = Self.request([Float(n), 0, 0, 0])
+                        request.id = "\(n)"
+                        try await writer.write(request)
+                    }
+                    // A failing request, sent apart: a raising handler fails its whole batch until
+                    // poison isolation splits batches, so it must not share one with the others.
+                    try await Task.sleep(for: .milliseconds(500))
+                    var bad = Self.request([-1, 0, 0, 0])
+                    bad.id = "bad"
+                    try await writer.write(bad)
+                },
+                onResponse: { response in
+                    var seen: [String: String] = [:]
+                    for try await message in response.messages { seen[message.inferResponse.id] = message.errorMessage }
+                    return seen
+                })
+            #expect(answers.count == 20)
+            #expect(answers["bad"]?.contains("negative input") == true)
+            #expect(answers.filter { $0.value.isEmpty }.count == 19)
+        }
+    }
+
+    @Test func healthService() async throws {
+        try await withServer { client in
+            let health = Grpc_Health_V1_Health.Client(wrapping: client)
+            #expect(try await health.check(.with { $0.service = "" }).status == .serving)
+            #expect(try await health.check(.with { $0.service = "typed" }).status == .serving)
+            #expect(try await health.check(.with { $0.service = "inference.GRPCInferenceService" }).status == .serving)
+            let error = await #expect(throws: RPCError.self) { try await health.check(.with { $0.service = "nope" }) }
+            #expect(error?.code == .notFound)
+            let first = try await health.watch(.with { $0.service = "echo" }) { response in
+                for try await message in response.messages { return message.status }
+                return .unknown
+            }
+            #expect(first == .serving)
+        }
+    }
+}
