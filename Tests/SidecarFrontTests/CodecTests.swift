@@ -96,3 +96,26 @@ import Testing
         #expect(FrontError.from(PredictionError(kind: .handlerError, type: "ValueError", message: "bad")).message == "ValueError: bad")
     }
 }
+
+@Suite struct ServerConfigurationFileTests {
+    /// Config/sidecar.yaml documents every server key at its default: it must parse to the defaults.
+    @Test func referenceFileParsesToTheDefaults() throws {
+        let parsed = try ServerConfigurationFile.read(FrontFixtures.packageRoot.appendingPathComponent("Config/sidecar.yaml").path)
+        let defaults = ServerConfiguration()
+        #expect(parsed.models == defaults.models)
+        #expect(parsed.host == defaults.host)
+        #expect(parsed.httpPort == defaults.httpPort)
+        #expect(parsed.grpcPort == defaults.grpcPort)
+        #expect(parsed.maxBodyBytes == defaults.maxBodyBytes)
+        #expect(parsed.maxGRPCMessageBytes == defaults.maxGRPCMessageBytes)
+    }
+
+    @Test func unknownKeyAndRelativeModels() throws {
+        let dir = try FrontFixtures.model(["server.yaml": "models: [a, /abs/b]\nhttp_port: 9000\n", "bad.yaml": "http_prot: 1\n"])
+        let parsed = try ServerConfigurationFile.read(dir.appendingPathComponent("server.yaml").path)
+        #expect(parsed.models == [dir.appendingPathComponent("a").path, "/abs/b"])
+        #expect(parsed.httpPort == 9000)
+        let error = #expect(throws: SidecarError.self) { try ServerConfigurationFile.read(dir.appendingPathComponent("bad.yaml").path) }
+        #expect(error?.message.contains("unknown key 'http_prot'") == true)
+    }
+}

@@ -10,12 +10,15 @@ enum JSONElement: Codable, Sendable, Equatable {
     case object([String: JSONElement])
 
     init(from decoder: any Decoder) throws {
+        // Probed in order of likelihood in tensor data: every failed probe throws, which is costly.
         let container = try decoder.singleValueContainer()
         if container.decodeNil() { self = .null }
-        else if let value = try? container.decode(Bool.self) { self = .bool(value) }
         else if let value = try? container.decode(Int64.self) { self = .integer(value) }
-        else if let value = try? container.decode(UInt64.self) { self = .unsigned(value) }
-        else if let value = try? container.decode(Double.self) { self = .number(value) }
+        else if let value = try? container.decode(Double.self) {
+            // Integers above Int64.max decode as Double; keep them exact when they fit UInt64.
+            if value >= 0x1p63, let exact = try? container.decode(UInt64.self) { self = .unsigned(exact) } else { self = .number(value) }
+        }
+        else if let value = try? container.decode(Bool.self) { self = .bool(value) }
         else if let value = try? container.decode(String.self) { self = .string(value) }
         else if let value = try? container.decode([JSONElement].self) { self = .array(value) }
         else { self = .object(try container.decode([String: JSONElement].self)) }
