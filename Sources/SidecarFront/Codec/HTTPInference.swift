@@ -18,6 +18,51 @@ enum HTTPInference {
             var datatype: String
             var parameters: [String: JSONElement]?
             var data: JSONElement?
+            /// `data` already in raw form, when it was a flat array of the datatype's JSON type: the
+            /// common case, decoded as `[Double]`/`[Int64]`/… without a value-by-value type probe.
+            var rawData: Data?
+
+            enum CodingKeys: String, CodingKey { case name, shape, datatype, parameters, data }
+
+            init(from decoder: any Decoder) throws {
+                let container = try decoder.container(keyedBy: CodingKeys.self)
+                name = try container.decode(String.self, forKey: .name)
+                shape = try container.decode([Int].self, forKey: .shape)
+                datatype = try container.decode(String.self, forKey: .datatype)
+                parameters = try container.decodeIfPresent([String: JSONElement].self, forKey: .parameters)
+                guard container.contains(.data) else { return }
+                if let type = TensorDataType(rawValue: datatype), let raw = Self.flat(container, type) {
+                    rawData = raw
+                } else {
+                    data = try container.decode(JSONElement.self, forKey: .data)
+                }
+            }
+
+            private static func flat(_ container: KeyedDecodingContainer<CodingKeys>, _ type: TensorDataType) -> Data? {
+                var raw = Data()
+                switch type {
+                case .fp32:
+                    guard let values = try? container.decode([Float].self, forKey: .data) else { return nil }
+                    raw.reserveCapacity(values.count * 4)
+                    for v in values { TensorJSON.append(v.bitPattern, to: &raw) }
+                case .fp64:
+                    guard let values = try? container.decode([Double].self, forKey: .data) else { return nil }
+                    raw.reserveCapacity(values.count * 8)
+                    for v in values { TensorJSON.append(v.bitPattern, to: &raw) }
+                case .int64:
+                    guard let values = try? container.decode([Int64].self, forKey: .data) else { return nil }
+                    for v in values { TensorJSON.append(v, to: &raw) }
+                case .int32:
+                    guard let values = try? container.decode([Int32].self, forKey: .data) else { return nil }
+                    for v in values { TensorJSON.append(v, to: &raw) }
+                case .bytes:
+                    guard let values = try? container.decode([String].self, forKey: .data) else { return nil }
+                    raw = Tensor.bytesData(values.map { Data($0.utf8) })
+                default:
+                    return nil  // the general path checks ranges and types value by value
+                }
+                return raw
+            }
         }
 
         struct RequestedOutput: Decodable {
@@ -83,6 +128,8 @@ enum HTTPInference {
                 }
                 data = binary[offset..<(offset + size)]
                 offset += size
+            } else if let raw = input.rawData {
+                data = raw
             } else if let values = input.data {
                 data = try TensorJSON.data(from: values, datatype: datatype, name: input.name)
             } else {
@@ -102,22 +149,8 @@ enum HTTPInference {
         return Decoded(id: request.id, inputs: inputs, requested: requested, binaryByDefault: binaryByDefault)
     }
 
-    struct Response: Encodable {
-        var model_name: String
-        var model_version: String
-        var id: String?
-        var outputs: [Output]
-
-        struct Output: Encodable {
-            var name: String
-            var datatype: String
-            var shape: [Int]
-            var parameters: [String: JSONElement]?
-            var data: [JSONElement]?
-        }
-    }
-
-    /// The response body, and the JSON header's length when binary outputs follow it.
+    /// The response body, and the JSON header's length when binary outputs follow it. The JSON is
+    /// written directly: it is small and fixed in shape, and Codable was a third of the request path.
     static func encode(_ outputs: [Tensor], for request: Decoded, model: String) throws -> (body: Data, headerLength: Int?) {
         var selected: [(Tensor, Bool)] = []
         if let requested = request.requested {
@@ -132,18 +165,88 @@ enum HTTPInference {
         } else {
             selected = outputs.map { ($0, request.binaryByDefault) }
         }
+        var json = JSONWriter()
+        json.raw(#"{"model_name":"#)
+        json.string(model)
+        json.raw(#","model_version":"1""#)
+        if let id = request.id {
+            json.raw(#","id":"#)
+            json.string(id)
+        }
+        json.raw(#","outputs":["#)
         var binaryTail = Data()
-        let encoded = selected.map { tensor, binary -> Response.Output in
+        for (index, (tensor, binary)) in selected.enumerated() {
+            if index > 0 { json.raw(",") }
+            json.raw(#"{"name":"#)
+            json.string(tensor.name)
+            json.raw(#","datatype":""# + tensor.datatype.rawValue + #"","shape":["#)
+            json.raw(tensor.shape.map(String.init).joined(separator: ","))
+            json.raw("]")
             if binary {
                 binaryTail.append(tensor.data)
-                return .init(
-                    name: tensor.name, datatype: tensor.datatype.rawValue, shape: tensor.shape,
-                    parameters: ["binary_data_size": .integer(Int64(tensor.data.count))], data: nil)
+                json.raw(#","parameters":{"binary_data_size":\#(tensor.data.count)}}"#)
+            } else {
+                json.raw(#","data":["#)
+                for (i, element) in TensorJSON.json(from: tensor).enumerated() {
+                    if i > 0 { json.raw(",") }
+                    json.element(element)
+                }
+                json.raw("]}")
             }
-            return .init(name: tensor.name, datatype: tensor.datatype.rawValue, shape: tensor.shape, parameters: nil, data: TensorJSON.json(from: tensor))
         }
-        let header = try JSONEncoder().encode(Response(model_name: model, model_version: "1", id: request.id, outputs: encoded))
-        if binaryTail.isEmpty { return (header, nil) }
-        return (header + binaryTail, header.count)
+        json.raw("]}")
+        if binaryTail.isEmpty { return (json.data, nil) }
+        return (json.data + binaryTail, json.data.count)
+    }
+}
+
+/// Appends JSON text to a buffer.
+struct JSONWriter {
+    var data = Data()
+
+    mutating func raw(_ text: String) { data.append(contentsOf: text.utf8) }
+
+    mutating func string(_ text: String) {
+        data.append(UInt8(ascii: "\""))
+        for byte in text.utf8 {
+            switch byte {
+            case UInt8(ascii: "\""): data.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\"")])
+            case UInt8(ascii: "\\"): data.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "\\")])
+            case 0x0A: data.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "n")])
+            case 0x0D: data.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "r")])
+            case 0x09: data.append(contentsOf: [UInt8(ascii: "\\"), UInt8(ascii: "t")])
+            case ..<0x20: data.append(contentsOf: Array(String(format: "\\u%04x", byte).utf8))
+            default: data.append(byte)
+            }
+        }
+        data.append(UInt8(ascii: "\""))
+    }
+
+    mutating func element(_ value: JSONElement) {
+        switch value {
+        case .null: raw("null")
+        case .bool(let v): raw(v ? "true" : "false")
+        case .integer(let v): raw(String(v))
+        case .unsigned(let v): raw(String(v))
+        // JSON has no NaN or infinity; they become null, as Python's json and orjson do.
+        case .number(let v): raw(v.isFinite ? (v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : "\(v)") : "null")
+        case .string(let v): string(v)
+        case .array(let items):
+            raw("[")
+            for (i, item) in items.enumerated() {
+                if i > 0 { raw(",") }
+                element(item)
+            }
+            raw("]")
+        case .object(let fields):
+            raw("{")
+            for (i, (key, item)) in fields.sorted(by: { $0.key < $1.key }).enumerated() {
+                if i > 0 { raw(",") }
+                string(key)
+                raw(":")
+                element(item)
+            }
+            raw("}")
+        }
     }
 }
