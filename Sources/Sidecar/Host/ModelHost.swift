@@ -51,14 +51,18 @@ public final class ModelHost: Service, Sendable {
     /// Runs the executors of the loaded models until ``shutdown()``; on graceful shutdown of the
     /// service group it unloads every model first.
     public func run() async {
-        await withGracefulShutdownHandler {
-            await withDiscardingTaskGroup { group in
+        await withTaskGroup(of: Void.self) { group in
+            // In a ServiceGroup, a graceful shutdown unloads every model (draining the workers) and
+            // ends the loop below; outside one this child just waits to be cancelled.
+            group.addTask {
+                if (try? await gracefulShutdown()) != nil { await self.shutdown() }
+            }
+            await withDiscardingTaskGroup { executors in
                 for await start in starts {
-                    group.addTask { await start() }
+                    executors.addTask { await start() }
                 }
             }
-        } onGracefulShutdown: {
-            Task { await self.shutdown() }
+            group.cancelAll()
         }
         try? FileManager.default.removeItem(at: socketRoot)
     }
