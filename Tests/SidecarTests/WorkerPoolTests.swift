@@ -250,6 +250,40 @@ import Glibc
         #expect(FileManager.default.isExecutableFile(atPath: a.python.path))
     }
 
+    @Test func offlineInstallFromAWheelhouseThroughPipArgs() async throws {
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-offline-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: scratch) }
+        let wheels = scratch.appendingPathComponent("wheels")
+        // The wheelhouse an offline machine would be given (downloaded here, while the index is reachable).
+        let download = try await ProcessRunner.run(
+            "/usr/bin/python3.11",
+            ["-m", "pip", "download", "-q", "-d", wheels.path, "-r", Fixtures.packageRoot.appendingPathComponent("python/runtime-requirements.txt").path, "six"],
+            logger: Fixtures.logger, label: "pip download")
+        try #require(download.succeeded, "pip download failed: \(download.lastLines.joined(separator: "\n"))")
+        // A package that exists nowhere but in the wheelhouse: the build can only succeed if the pip
+        // arguments reach pip.
+        let probe = """
+            import zipfile, sys
+            with zipfile.ZipFile(sys.argv[1] + "/sidecar_offline_probe-0.1-py3-none-any.whl", "w") as w:
+                w.writestr("sidecar_offline_probe/__init__.py", "VALUE = 'from the wheelhouse'\\n")
+                w.writestr("sidecar_offline_probe-0.1.dist-info/METADATA", "Metadata-Version: 2.1\\nName: sidecar-offline-probe\\nVersion: 0.1\\n")
+                w.writestr("sidecar_offline_probe-0.1.dist-info/WHEEL", "Wheel-Version: 1.0\\nGenerator: test\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+                w.writestr("sidecar_offline_probe-0.1.dist-info/RECORD", "")
+            """
+        let made = try await ProcessRunner.run("/usr/bin/python3.11", ["-c", probe, wheels.path], logger: Fixtures.logger, label: "wheel")
+        try #require(made.succeeded, "\(made.lastLines)")
+        let dir = try Fixtures.model([
+            "handler.py": "import sidecar_offline_probe, six\n\ndef predict(batch):\n    return [sidecar_offline_probe.VALUE for x in batch]\n",
+            "requirements.txt": "six\nsidecar-offline-probe==0.1\n",
+        ])
+        let options = HostOptions(environment: EnvironmentOptions(
+            cacheDirectory: scratch.appendingPathComponent("cache"), pipArgs: ["--no-index", "--find-links", wheels.path]))
+        let answer = try await withModel(at: dir.path, options: options, logger: Fixtures.logger) { model in
+            try await model.predict(Fixtures.json("42"))
+        }
+        #expect(answer.json == #""from the wheelhouse""#)
+    }
+
     @Test func cancelledCallerDoesNotDisturbOthers() async throws {
         let handler = "import time\n\ndef predict(batch):\n    time.sleep(0.2)\n    return batch\n"
         try await withTestModel(["handler.py": handler]) { model in
