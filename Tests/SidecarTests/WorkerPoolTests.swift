@@ -237,6 +237,25 @@ import Glibc
         }
     }
 
+    @Test func batchStuckPastTheGraceIsKilledAndItsCallerAnswered() async throws {
+        let dir = try Fixtures.model([
+            "handler.py": "import time\n\ndef predict(batch):\n    time.sleep(600)\n    return batch\n",
+            "sidecar.yaml": "timeouts: {shutdown_grace_s: 1}\n",
+        ])
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let model = try await host.load(dir.path)
+            let pid = try #require(model.workers[0].pid)
+            let stuck = Task { try await model.predict(Fixtures.json("1")) }
+            try await Task.sleep(for: .milliseconds(300))
+            let start = ContinuousClock.now
+            try await host.unload(model.name)
+            #expect(ContinuousClock.now - start < .seconds(10), "grace 1 s, then SIGTERM, then SIGKILL 2 s later")
+            #expect(kill(pid, 0) != 0, "the worker process is gone")
+            // The caller is answered (the item could not run anywhere), never left waiting.
+            await #expect(throws: (any Error).self) { try await stuck.value }
+        }
+    }
+
     @Test func concurrentBuildsOfOneEnvironmentAreSerialized() async throws {
         let cache = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-lock-\(UUID().uuidString.prefix(8))")
         defer { try? FileManager.default.removeItem(at: cache) }

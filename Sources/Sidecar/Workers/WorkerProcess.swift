@@ -316,11 +316,17 @@ final class WorkerProcess: Sendable {
         while window.count > 0, ContinuousClock.now < deadline, !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(10))
         }
-        if window.count > 0 {
-            logger.warning("\(window.count) batch(es) still running after shutdown_grace_s (\(spec.timeouts.shutdownGrace)); stopping the worker anyway")
-        }
         sink.yield(.with { $0.shutdown = .init() })
         sink.finish()
+        if window.count > 0 {
+            // The worker would wait for its batch forever; its batches go back to the batcher when
+            // the process is gone.
+            let pid = session.withLock { $0.pid }
+            logger.warning("\(window.count) batch(es) still running after shutdown_grace_s (\(spec.timeouts.shutdownGrace)); sending SIGTERM, SIGKILL in 2 s", metadata: ["pid": "\(pid)"])
+            _ = kill(-pid, SIGTERM)
+            try? await Task.sleep(for: .seconds(2))
+            Self.killGroup(pid, logger: logger)
+        }
     }
 
     /// Pings the Python loop; a worker that leaves pings unanswered past ping_timeout is hung (a
