@@ -124,6 +124,25 @@ import Testing
         _ = try await (json1, tensors, json2)
     }
 
+    @Test func bisectedHalvesRunFirstAndAlone() async throws {
+        let b = batcher(maxBatch: 10)
+        async let first = b.submit(items(1...5))
+        #expect(await eventually { b.queuedItems == 5 })
+        let job = try #require(await b.nextBatch())
+        async let later = b.submit(items(6...6))
+        #expect(await eventually { b.queuedItems == 1 })
+        b.bisect(job)
+        let left = try #require(await b.nextBatch())
+        let right = try #require(await b.nextBatch())
+        #expect(left.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])
+        #expect(right.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3", "4", "5"])
+        let next = try #require(await b.nextBatch())
+        #expect(next.count == 1, "the queued item was not merged into a half")
+        for job in [left, right, next] { answer(job) }
+        #expect(try texts(await first) == ["1", "2", "3", "4", "5"])
+        _ = try await later
+    }
+
     @Test func closeDrainsThenEnds() async throws {
         let b = batcher()
         async let result = b.submit(items(1...1))

@@ -104,6 +104,37 @@ import Glibc
         }
     }
 
+    @Test func poisonItemIsIsolatedFromItsBatchMates() async throws {
+        let handler = """
+            def predict(batch):
+                if "boom" in batch:
+                    raise ValueError("cannot handle boom")
+                return [x.upper() for x in batch]
+            """
+        try await withTestModel(["handler.py": handler]) { model in
+            // One caller's batch.
+            let words = ["a", "b", "c", "d", "boom", "f", "g", "h"]
+            let results = try await model.predict(batch: words.map { Fixtures.json("\"\($0)\"") })
+            for (word, result) in zip(words, results) {
+                switch result {
+                case .success(let value): #expect(word != "boom" && value.json == "\"\(word.uppercased())\"")
+                case .failure(let error):
+                    #expect(word == "boom")
+                    #expect(error.type == "ValueError")
+                    #expect(error.traceback?.contains("handler.py") == true)
+                }
+            }
+            // Many callers whose items share batches: only the poison one fails.
+            try await withThrowingTaskGroup(of: (String, Bool).self) { group in
+                for n in 0..<40 {
+                    let word = n == 17 ? "boom" : "w\(n)"
+                    group.addTask { (word, (try? await model.predict(Fixtures.json("\"\(word)\""))) != nil) }
+                }
+                for try await (word, succeeded) in group { #expect(succeeded == (word != "boom"), "\(word)") }
+            }
+        }
+    }
+
     @Test func wrongLengthIsAnErrorNotSilentLoss() async throws {
         try await withTestModel(["handler.py": "def predict(batch):\n    return batch[:-1]\n"]) { model in
             let results = try await model.predict(batch: [Fixtures.json("1"), Fixtures.json("2")])

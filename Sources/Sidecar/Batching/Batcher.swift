@@ -87,6 +87,8 @@ final class Batcher: Sendable {
 
     private struct State {
         var queue: Deque<Chunk> = []
+        /// Halves of batches that raised: dispatched first, each as its own batch, never merged.
+        var pinned: Deque<[Chunk]> = []
         var queuedItems = 0
         var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
         var waiterOrder: Deque<UInt64> = []
@@ -184,6 +186,9 @@ final class Batcher: Sendable {
         while !Task.isCancelled {
             enum Step { case batch(BatchJob, wake: CheckedContinuation<Void, Never>?), finished, linger(ContinuousClock.Instant), wait }
             let step: Step = state.withLock { state in
+                if let job = takePinned(&state) {
+                    return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
+                }
                 guard let oldest = state.queue.first else { return state.closed ? .finished : .wait }
                 if maxDelay > .zero, !state.closed, state.queuedItems < maxBatchSize {
                     let deadline = oldest.request.enqueuedAt.advanced(by: maxDelay)
@@ -210,6 +215,21 @@ final class Batcher: Sendable {
             case .wait:
                 await waitForItems()
             }
+        }
+        return nil
+    }
+
+    private func takePinned(_ state: inout State) -> BatchJob? {
+        while let chunks = state.pinned.popFirst() {
+            state.queuedItems -= chunks.reduce(0) { $0 + $1.range.count }
+            let live = chunks.filter { !$0.request.isFinished }
+            guard !live.isEmpty else { continue }
+            let id = state.nextBatchID
+            state.nextBatchID += 1
+            state.statistics.batches += 1
+            let count = live.reduce(0) { $0 + $1.range.count }
+            state.statistics.items += count
+            return BatchJob(id: id, chunks: live, count: count)
         }
         return nil
     }
@@ -267,6 +287,35 @@ final class Batcher: Sendable {
         }
     }
 
+    /// Poison isolation: a batch whose handler raised is split in two, and each half runs next as a
+    /// batch of its own; halves that raise are split again, so in the end only the items that raise
+    /// by themselves get the error, and the others their predictions.
+    func bisect(_ job: BatchJob) {
+        var left: [Chunk] = []
+        var right: [Chunk] = []
+        var remaining = job.count / 2
+        for chunk in job.chunks {
+            if remaining >= chunk.range.count {
+                left.append(chunk)
+                remaining -= chunk.range.count
+            } else if remaining > 0 {
+                let split = chunk.range.lowerBound + remaining
+                left.append(Chunk(request: chunk.request, range: chunk.range.lowerBound..<split, attempts: chunk.attempts))
+                right.append(Chunk(request: chunk.request, range: split..<chunk.range.upperBound, attempts: chunk.attempts))
+                remaining = 0
+            } else {
+                right.append(chunk)
+            }
+        }
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            state.pinned.prepend(right)
+            state.pinned.prepend(left)
+            state.queuedItems += job.count
+            return state.popWaiter()
+        }
+        waiter?.resume()
+    }
+
     /// Puts the batch of a worker that died back at the head of the queue, so another worker runs it
     /// next; items already dispatched `maxRetries` times fail instead.
     func requeue(_ job: BatchJob, reason: String) {
@@ -309,8 +358,8 @@ final class Batcher: Sendable {
         let chunks: [Chunk] = state.withLock { state in
             state.closed = true
             state.closedReason = error
-            defer { state.queue.removeAll(); state.queuedItems = 0 }
-            return Array(state.queue)
+            defer { state.queue.removeAll(); state.pinned.removeAll(); state.queuedItems = 0 }
+            return Array(state.queue) + state.pinned.flatMap { $0 }
         }
         close()
         for chunk in chunks { chunk.request.abort(with: error) }

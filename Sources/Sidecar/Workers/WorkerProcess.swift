@@ -282,7 +282,13 @@ final class WorkerProcess: Sendable {
                     }
                     status.withLock { $0.batchesServed += 1 }
                     computeTime.recordNanoseconds(Int64(result.computeSeconds * 1e9))
-                    job.deliver(BatchResultDecoder.results(of: result, count: job.count, tensors: !job.isJSON))
+                    if job.count > 1, BatchResultDecoder.handlerRaised(result) {
+                        // One item's exception must not fail the others (from other callers too).
+                        logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
+                        batcher.bisect(job)
+                    } else {
+                        job.deliver(BatchResultDecoder.results(of: result, count: job.count, tensors: !job.isJSON))
+                    }
                 case .pong:
                     session.withLock { $0.lastPong = .now }
                 case .log(let record):
@@ -429,6 +435,12 @@ enum BatchResultDecoder {
                 PredictionError(kind: .invalidItem, type: e.type, message: e.message, traceback: e.traceback.isEmpty ? nil : e.traceback))
         }
         return results
+    }
+
+    /// True when the handler raised for the batch (as opposed to returning a wrong-length result,
+    /// which is the handler's contract broken for every batch, not one item's doing).
+    static func handlerRaised(_ result: Sidecar_Worker_V1_BatchResult) -> Bool {
+        result.hasBatchError && !["WrongLength", "WrongType", "InternalError"].contains(result.batchError.type)
     }
 
     private static func malformed(_ count: Int) -> [PayloadResult] {
