@@ -1,4 +1,5 @@
 import Foundation
+import GRPCCore
 import Sidecar
 import Testing
 @testable import SidecarFront
@@ -94,6 +95,9 @@ import Testing
             #expect("\(mapped.rpcCode)" == code)
         }
         #expect(FrontError.from(PredictionError(kind: .handlerError, type: "ValueError", message: "bad")).message == "ValueError: bad")
+        // gRPC errors raised inside the services keep their code (metrics label them by it).
+        #expect(FrontError.from(RPCError(code: .invalidArgument, message: "x")).metricLabel == "invalid_argument")
+        #expect(FrontError.from(RPCError(code: .notFound, message: "x")).metricLabel == "not_found")
     }
 }
 

@@ -154,9 +154,6 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
                 }
                 $0.rawOutputContents = selected.map(\.data)
             }
-        } catch let error as RPCError {
-            metrics.record(model: request.modelName, protocol: "grpc", since: start, error: FrontError(.notFound, error.message))
-            throw error
         } catch {
             metrics.record(model: request.modelName, protocol: "grpc", since: start, error: FrontError.from(error))
             throw error
