@@ -82,27 +82,97 @@ import Testing
         #expect(b.queuedItems == 0)
     }
 
-    @Test func requeuedBatchGoesFirstAndFailsAfterMaxRetries() async throws {
+    /// A batch whose worker died is split; only an item that keeps killing workers on its own fails.
+    @Test func deadWorkersBatchIsSplitUntilTheCulpritIsAlone() async throws {
         let b = batcher(maxBatch: 10, retries: 1)
-        async let early = b.submit(items(1...2))
-        #expect(await eventually { b.queuedItems == 2 })
+        async let results = b.submit(items(1...4))
+        #expect(await eventually { b.queuedItems == 4 })
         let job = try #require(await b.nextBatch())
-        async let late = b.submit(items(3...3))
+        async let late = b.submit(items(5...5))
         #expect(await eventually { b.queuedItems == 1 })
-        b.requeue(job, reason: "worker died")
-        let retry = try #require(await b.nextBatch())
-        #expect(retry.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2", "3"])
-        b.requeue(retry, reason: "worker died again")  // items 1, 2: second death; item 3: first
-        let last = try #require(await b.nextBatch())
-        #expect(last.count == 1)
-        answer(last)
-        let earlyResults = try await early
-        for result in earlyResults {
+        b.workerDied(job, reason: "worker 0 was killed by signal 9")
+        let left = try #require(await b.nextBatch())
+        let right = try #require(await b.nextBatch())
+        #expect(left.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])
+        #expect(right.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3", "4"])
+        answer(right)
+        b.workerDied(left, reason: "worker 0 was killed by signal 9")
+        let one = try #require(await b.nextBatch())
+        let two = try #require(await b.nextBatch())
+        #expect(one.count == 1 && two.count == 1)
+        answer(two)
+        b.workerDied(one, reason: "worker 0 was killed by signal 9")  // alone: first retry
+        let again = try #require(await b.nextBatch())
+        #expect(again.count == 1)
+        b.workerDied(again, reason: "worker 1 was killed by signal 9")  // alone again: past max_retries
+        let final = try await results
+        guard case .failure(let error) = final[0] else { Issue.record("item 1 should fail"); return }
+        #expect(error.kind == .workerDied)
+        #expect(error.message.contains("max_retries: 1"))
+        #expect(try texts(Array(final[1...])) == ["2", "3", "4"])
+        // The other caller's item, queued behind the splits, runs after them.
+        let rest = try #require(await b.nextBatch())
+        answer(rest)
+        #expect(try texts(await late) == ["5"])
+    }
+
+    @Test func retryFalseFailsTheItemsOfADeadWorkerAtOnce() async throws {
+        var batching = ModelConfiguration.Batching()
+        batching.maxBatchSize = 10
+        let b = Batcher(modelName: "t", batching: batching, maxRetries: 2, retry: false)
+        async let results = b.submit(items(1...3))
+        let job = try #require(await b.nextBatch())
+        b.workerDied(job, reason: "worker 0 exited with status 1")
+        for result in try await results {
             guard case .failure(let error) = result else { Issue.record("expected a failure"); continue }
             #expect(error.kind == .workerDied)
-            #expect(error.message.contains("max_retries: 1"))
+            #expect(error.message.contains("retry: false"))
         }
-        #expect(try texts(await late) == ["3"])
+        #expect(b.queuedItems == 0)
+    }
+
+    @Test func expiredRequestIsAnsweredAtItsDeadlineAndNeverDispatched() async throws {
+        let b = batcher()
+        let watch = Task { await b.watchDeadlines() }
+        defer { watch.cancel() }
+        let start = ContinuousClock.now
+        do {
+            _ = try await b.submit(items(1...3), deadline: .now.advanced(by: .milliseconds(100)))
+            Issue.record("expected deadlineExceeded")
+        } catch let error as SidecarError {
+            #expect(error.code == .deadlineExceeded)
+            #expect(error.message.contains("100 ms allowed"))
+        }
+        let waited = ContinuousClock.now - start
+        #expect(waited >= .milliseconds(100) && waited < .seconds(5))
+        #expect(b.queuedItems == 0)
+        // A live request queued after it is what a worker gets.
+        async let live = b.submit(items(4...4))
+        let job = try #require(await b.nextBatch())
+        #expect(job.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["4"])
+        answer(job)
+        #expect(try texts(await live) == ["4"])
+    }
+
+    @Test func itemsPastTheirDeadlineAreDroppedAtDispatchEvenWithoutTheWatch() async throws {
+        let b = batcher()
+        let expired = Task { try await b.submit(items(1...2), deadline: .now.advanced(by: .milliseconds(20))) }
+        #expect(await eventually { b.queuedItems == 2 })
+        try await Task.sleep(for: .milliseconds(40))
+        async let live = b.submit(items(3...3))
+        #expect(await eventually { b.queuedItems == 3 })
+        let job = try #require(await b.nextBatch())
+        #expect(job.count == 1)
+        answer(job)
+        #expect(try texts(await live) == ["3"])
+        await #expect(throws: SidecarError.self) { try await expired.value }
+    }
+
+    @Test func defaultTimeoutAppliesToRequestsWithoutADeadline() async throws {
+        let b = Batcher(modelName: "t", batching: .init(), maxRetries: 2, defaultTimeout: .milliseconds(50))
+        let watch = Task { await b.watchDeadlines() }
+        defer { watch.cancel() }
+        await #expect(throws: SidecarError.self) { _ = try await b.submit(items(1...1)) }
     }
 
     @Test func batchesNeverMixJSONAndTensors() async throws {

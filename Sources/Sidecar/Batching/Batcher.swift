@@ -1,5 +1,6 @@
 import DequeModule
 import Foundation
+import HeapModule
 import Metrics
 import Synchronization
 
@@ -78,12 +79,33 @@ struct BatchJob: Sendable {
 ///
 /// The queue is bounded (`max_queue` items): past it ``submit(_:)`` fails at once with
 /// ``SidecarError/Code/queueFull`` instead of letting memory grow.
+///
+/// Requests may carry a deadline: ``watchDeadlines()`` answers them `deadlineExceeded` when it passes,
+/// and their items still queued are never dispatched.
+///
+/// Items of a worker that died are the batcher's to place again (``workerDied(_:reason:)``): a
+/// batch is split in halves that run on their own, so one item that crashes the process ends up
+/// alone and fails by itself, and everything else gets its prediction.
 final class Batcher: Sendable {
     let maxBatchSize: Int
     let maxQueue: Int
     let maxDelay: Duration
     let maxRetries: Int
+    /// False when items must not run twice (`retry: false`).
+    let retry: Bool
+    /// The deadline of requests that bring none.
+    let defaultTimeout: Duration?
     let modelName: String
+
+    /// A request's deadline in the watch's heap. Weak: a request answered long before its deadline
+    /// is not kept alive by the heap.
+    private struct DeadlineEntry: Comparable {
+        let deadline: ContinuousClock.Instant
+        weak var request: PendingRequest?
+
+        static func < (a: Self, b: Self) -> Bool { a.deadline < b.deadline }
+        static func == (a: Self, b: Self) -> Bool { a.deadline == b.deadline }
+    }
 
     private struct State {
         var queue: Deque<Chunk> = []
@@ -97,6 +119,16 @@ final class Batcher: Sendable {
         var closed = false
         var closedReason: SidecarError?
         var statistics = BatchStatistics()
+        var deadlines = Heap<DeadlineEntry>()
+        var deadlineWatcher: CheckedContinuation<Void, Never>?
+
+        /// Drops chunks of requests that are already answered (cancelled, expired) so that they
+        /// stop counting against `max_queue`.
+        mutating func dropFinished() {
+            queue.removeAll { $0.request.isFinished }
+            pinned = Deque(pinned.map { $0.filter { !$0.request.isFinished } }.filter { !$0.isEmpty })
+            queuedItems = queue.reduce(0) { $0 + $1.range.count } + pinned.reduce(0) { $0 + $1.reduce(0) { $0 + $1.range.count } }
+        }
 
         mutating func popWaiter() -> CheckedContinuation<Void, Never>? {
             while let id = waiterOrder.popFirst() {
@@ -112,8 +144,10 @@ final class Batcher: Sendable {
     /// Time from an item's arrival to its dispatch (`sidecar_queue_seconds`).
     private let queueWait: Metrics.Timer
 
-    init(modelName: String, batching: ModelConfiguration.Batching, maxRetries: Int) {
+    init(modelName: String, batching: ModelConfiguration.Batching, maxRetries: Int, retry: Bool = true, defaultTimeout: Duration? = nil) {
         self.modelName = modelName
+        self.retry = retry
+        self.defaultTimeout = defaultTimeout
         self.batchSizes = Recorder(label: "sidecar_batch_size", dimensions: [("model", modelName)], aggregate: true)
         self.queueWait = Metrics.Timer(label: "sidecar_queue_seconds", dimensions: [("model", modelName)])
         self.maxBatchSize = batching.maxBatchSize
@@ -131,10 +165,11 @@ final class Batcher: Sendable {
     // MARK: Callers
 
     /// Queues `items` and waits for one result per item, in order. Cancelling the calling task
-    /// withdraws the items still queued and throws `CancellationError`.
-    func submit(_ items: [Payload]) async throws -> [PayloadResult] {
+    /// withdraws the items still queued and throws `CancellationError`; past `deadline` (else the
+    /// model's `request_timeout_s`) it throws ``SidecarError/Code/deadlineExceeded``.
+    func submit(_ items: [Payload], deadline: ContinuousClock.Instant? = nil) async throws -> [PayloadResult] {
         if items.isEmpty { return [] }
-        let request = PendingRequest(items: items)
+        let request = PendingRequest(items: items, deadline: deadline ?? defaultTimeout.map { ContinuousClock.now.advanced(by: $0) })
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PayloadResult], any Error>) in
                 enqueue(request, continuation)
@@ -156,9 +191,17 @@ final class Batcher: Sendable {
                     : "model '\(modelName)' queue is full (\(state.queuedItems) of \(maxQueue) items, batching.max_queue); retry later"
                 return .failure(SidecarError(.queueFull, message))
             }
+            if let deadline = request.deadline, deadline <= .now { return .failure(expired(request)) }
             guard request.attach(continuation) else { return .failure(CancellationError()) }
             state.queue.append(Chunk(request: request, range: 0..<count))
             state.queuedItems += count
+            if let deadline = request.deadline {
+                state.deadlines.insert(DeadlineEntry(deadline: deadline, request: request))
+                if let watcher = state.deadlineWatcher {
+                    state.deadlineWatcher = nil
+                    watcher.resume()
+                }
+            }
             return .success(state.popWaiter())
         }
         switch outcome {
@@ -167,15 +210,23 @@ final class Batcher: Sendable {
         }
     }
 
+    private func expired(_ request: PendingRequest) -> SidecarError {
+        let waited = ContinuousClock.now - request.enqueuedAt
+        let budget = request.deadline.map { $0 - request.enqueuedAt } ?? .zero
+        return SidecarError(
+            .deadlineExceeded,
+            "model '\(modelName)': the request's deadline passed (\(Self.milliseconds(budget)) ms allowed, \(Self.milliseconds(waited)) ms waited); "
+                + "allow more time (gRPC deadline, OIP 'timeout' parameter, Sidecar-Timeout-Ms header, or timeouts.request_timeout_s)")
+    }
+
+    private static func milliseconds(_ duration: Duration) -> Int {
+        let c = duration.components
+        return max(0, Int((Double(c.seconds) * 1000 + Double(c.attoseconds) / 1e15).rounded()))
+    }
+
     private func cancel(_ request: PendingRequest) {
         guard request.abort(with: CancellationError()) else { return }
-        state.withLock { state in
-            let before = state.queue.count
-            state.queue.removeAll { $0.request === request }
-            if state.queue.count != before {
-                state.queuedItems = state.queue.reduce(0) { $0 + $1.range.count }
-            }
-        }
+        state.withLock { $0.dropFinished() }
     }
 
     // MARK: Workers
@@ -185,8 +236,9 @@ final class Batcher: Sendable {
     func nextBatch() async -> BatchJob? {
         while !Task.isCancelled {
             enum Step { case batch(BatchJob, wake: CheckedContinuation<Void, Never>?), finished, linger(ContinuousClock.Instant), wait }
+            var expired: [PendingRequest] = []
             let step: Step = state.withLock { state in
-                if let job = takePinned(&state) {
+                if let job = takePinned(&state, expired: &expired) {
                     return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
                 }
                 guard let oldest = state.queue.first else { return state.closed ? .finished : .wait }
@@ -194,10 +246,12 @@ final class Batcher: Sendable {
                     let deadline = oldest.request.enqueuedAt.advanced(by: maxDelay)
                     if deadline > .now { return .linger(deadline) }
                 }
-                let job = take(&state)
+                let job = take(&state, expired: &expired)
+                if job.count == 0 { return state.closed && state.queue.isEmpty ? .finished : .wait }
                 // More left than this batch took: let another free worker have it.
                 return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
             }
+            for request in expired { request.abort(with: self.expired(request)) }
             switch step {
             case .batch(let job, let wake):
                 wake?.resume()
@@ -219,10 +273,18 @@ final class Batcher: Sendable {
         return nil
     }
 
-    private func takePinned(_ state: inout State) -> BatchJob? {
+    private func takePinned(_ state: inout State, expired: inout [PendingRequest]) -> BatchJob? {
+        let now = ContinuousClock.now
         while let chunks = state.pinned.popFirst() {
             state.queuedItems -= chunks.reduce(0) { $0 + $1.range.count }
-            let live = chunks.filter { !$0.request.isFinished }
+            let live = chunks.filter { chunk in
+                if chunk.request.isFinished { return false }
+                if let deadline = chunk.request.deadline, deadline <= now {
+                    expired.append(chunk.request)
+                    return false
+                }
+                return true
+            }
             guard !live.isEmpty else { continue }
             let id = state.nextBatchID
             state.nextBatchID += 1
@@ -234,13 +296,20 @@ final class Batcher: Sendable {
         return nil
     }
 
-    private func take(_ state: inout State) -> BatchJob {
+    private func take(_ state: inout State, expired: inout [PendingRequest]) -> BatchJob {
         var chunks: [Chunk] = []
         var count = 0
         var kindIsJSON: Bool?
+        let now = ContinuousClock.now
         while count < maxBatchSize, var chunk = state.queue.popFirst() {
-            if chunk.request.isFinished {  // cancelled while queued: drop it
+            if chunk.request.isFinished {  // cancelled or answered while queued: drop it
                 state.queuedItems -= chunk.range.count
+                continue
+            }
+            if let deadline = chunk.request.deadline, deadline <= now {
+                // Its caller has stopped waiting: never dispatch it (the watch may not have run yet).
+                state.queuedItems -= chunk.range.count
+                expired.append(chunk.request)
                 continue
             }
             // One kind per batch: the handler gets JSON values or tensor dicts, never a mix.
@@ -260,6 +329,7 @@ final class Batcher: Sendable {
             state.queuedItems -= chunk.range.count
             chunks.append(chunk)
         }
+        guard count > 0 else { return BatchJob(id: 0, chunks: [], count: 0) }
         let id = state.nextBatchID
         state.nextBatchID += 1
         state.statistics.batches += 1
@@ -291,10 +361,22 @@ final class Batcher: Sendable {
     /// batch of its own; halves that raise are split again, so in the end only the items that raise
     /// by themselves get the error, and the others their predictions.
     func bisect(_ job: BatchJob) {
+        let (left, right) = Self.halves(of: job.chunks, count: job.count)
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            state.pinned.prepend(right)
+            state.pinned.prepend(left)
+            state.queuedItems += job.count
+            return state.popWaiter()
+        }
+        waiter?.resume()
+    }
+
+    /// `chunks` (holding `count` items) split into two runs of about half the items each.
+    private static func halves(of chunks: [Chunk], count: Int) -> ([Chunk], [Chunk]) {
         var left: [Chunk] = []
         var right: [Chunk] = []
-        var remaining = job.count / 2
-        for chunk in job.chunks {
+        var remaining = count / 2
+        for chunk in chunks {
             if remaining >= chunk.range.count {
                 left.append(chunk)
                 remaining -= chunk.range.count
@@ -307,39 +389,110 @@ final class Batcher: Sendable {
                 right.append(chunk)
             }
         }
-        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            state.pinned.prepend(right)
-            state.pinned.prepend(left)
-            state.queuedItems += job.count
-            return state.popWaiter()
-        }
-        waiter?.resume()
+        return (left, right)
     }
 
-    /// Puts the batch of a worker that died back at the head of the queue, so another worker runs it
-    /// next; items already dispatched `maxRetries` times fail instead.
-    func requeue(_ job: BatchJob, reason: String) {
-        var exhausted: [Chunk] = []
+    /// Puts a batch that never reached its worker back at the head of the queue.
+    func giveBack(_ job: BatchJob) {
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            for var chunk in job.chunks.reversed() where !chunk.request.isFinished {
-                chunk.attempts += 1
-                if chunk.attempts > maxRetries || state.closedReason != nil {
-                    exhausted.append(chunk)
-                } else {
-                    state.queue.prepend(chunk)
-                    state.queuedItems += chunk.range.count
-                }
+            for chunk in job.chunks.reversed() where !chunk.request.isFinished {
+                state.queue.prepend(chunk)
+                state.queuedItems += chunk.range.count
             }
             return state.queue.isEmpty ? nil : state.popWaiter()
         }
         waiter?.resume()
-        for chunk in exhausted {
-            chunk.request.fail(
-                chunk.range,
-                with: PredictionError(
+    }
+
+    /// Places again the batch of a worker that died (crashed, hung, ran past `batch_timeout_s`)
+    /// before answering it. Nothing is lost, and one bad item cannot take others down with it:
+    ///
+    /// - a batch of several items is split in halves that run next, each as its own batch, on
+    ///   whichever workers are free. Splitting costs no retry: if one item kills the process, it
+    ///   ends up alone after log2(n) crashes while the others are answered;
+    /// - a lone item runs again up to `max_retries` times, then fails as the likely culprit;
+    /// - with `retry: false`, or when the model is being failed, the items fail at once.
+    func workerDied(_ job: BatchJob, reason: String) {
+        var failures: [(Chunk, PredictionError)] = []
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            let live = job.chunks.filter { !$0.request.isFinished }
+            let count = live.reduce(0) { $0 + $1.range.count }
+            guard count > 0 else { return nil }
+            if !retry || state.closedReason != nil {
+                let why = retry
+                    ? "\(reason), and the model is no longer serving"
+                    : "\(reason); the item is not run again because the model sets retry: false (its handler must not run an item twice)"
+                failures = live.map { ($0, PredictionError(kind: .workerDied, type: "WorkerDied", message: why)) }
+                return nil
+            }
+            if count > 1 {
+                let (left, right) = Self.halves(of: live, count: count)
+                state.pinned.prepend(right)
+                state.pinned.prepend(left)
+                state.queuedItems += count
+                return state.popWaiter()
+            }
+            var chunk = live[0]
+            chunk.attempts += 1
+            if chunk.attempts > maxRetries {
+                failures = [(chunk, PredictionError(
                     kind: .workerDied, type: "WorkerDied",
-                    message: "\(reason); the item was tried \(chunk.attempts) times (max_retries: \(maxRetries))"))
+                    message: "\(reason); this item was running alone each time its worker died (\(chunk.attempts) times, max_retries: \(maxRetries)), so it is likely what kills the worker"))]
+                return nil
+            }
+            state.pinned.prepend([chunk])
+            state.queuedItems += 1
+            return state.popWaiter()
         }
+        waiter?.resume()
+        for (chunk, error) in failures { chunk.request.fail(chunk.range, with: error) }
+    }
+
+    // MARK: Deadlines
+
+    /// Answers requests whose deadline passed with `deadlineExceeded` and drops their queued items,
+    /// until the calling task is cancelled. The executor runs it for the model's whole life.
+    func watchDeadlines() async {
+        while !Task.isCancelled {
+            let next: ContinuousClock.Instant? = state.withLock { $0.deadlines.min?.deadline }
+            if let next {
+                // Wake at the earliest deadline, and at least every 10 ms: a later insert may be earlier.
+                let wake = min(next, ContinuousClock.now.advanced(by: .milliseconds(10)))
+                try? await Task.sleep(until: wake, clock: .continuous)
+            } else {
+                await withTaskCancellationHandler {
+                    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                        let resumeNow = state.withLock { state -> Bool in
+                            if !state.deadlines.isEmpty || Task.isCancelled { return true }
+                            state.deadlineWatcher = continuation
+                            return false
+                        }
+                        if resumeNow { continuation.resume() }
+                    }
+                } onCancel: {
+                    state.withLock { state in
+                        defer { state.deadlineWatcher = nil }
+                        return state.deadlineWatcher
+                    }?.resume()
+                }
+            }
+            expireDeadlines()
+        }
+    }
+
+    private func expireDeadlines() {
+        let now = ContinuousClock.now
+        let due: [PendingRequest] = state.withLock { state in
+            var due: [PendingRequest] = []
+            while let first = state.deadlines.min, first.deadline <= now {
+                let entry = state.deadlines.removeMin()
+                if let request = entry.request, !request.isFinished { due.append(request) }
+            }
+            return due
+        }
+        guard !due.isEmpty else { return }
+        for request in due { request.abort(with: expired(request)) }
+        state.withLock { $0.dropFinished() }
     }
 
     /// Stops accepting items. Workers still drain what is queued; once it is empty ``nextBatch()``

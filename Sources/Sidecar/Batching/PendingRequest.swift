@@ -13,6 +13,9 @@ public typealias ItemResult = Result<JSONValue, PredictionError>
 final class PendingRequest: Sendable {
     let items: [Payload]
     let enqueuedAt: ContinuousClock.Instant
+    /// When the caller stops waiting: past it the request is answered `deadlineExceeded` and its
+    /// items still queued are never dispatched.
+    let deadline: ContinuousClock.Instant?
 
     private struct State {
         var results: [PayloadResult]
@@ -26,9 +29,10 @@ final class PendingRequest: Sendable {
     private static let placeholder = PayloadResult.failure(
         PredictionError(kind: .unavailable, type: "Unanswered", message: "no result"))
 
-    init(items: [Payload]) {
+    init(items: [Payload], deadline: ContinuousClock.Instant? = nil) {
         self.items = items
         self.enqueuedAt = .now
+        self.deadline = deadline
         // Results are allocated only when a request arrives in parts (see `fill`).
         self.state = Mutex(State(results: [], remaining: items.count))
     }

@@ -28,16 +28,17 @@ public final class Model: Sendable {
     public var configuration: ModelConfiguration { bundle.configuration }
 
     /// Predicts one item. Throws ``PredictionError`` when the handler failed for it, and
-    /// ``SidecarError`` when the model cannot take it (queue full, stopped).
-    public func predict(_ item: JSONValue) async throws -> JSONValue {
-        let results = try await batcher.submit([.json(item)])
+    /// ``SidecarError`` when the model cannot take it (queue full, stopped, FAILED) or `deadline`
+    /// (else `timeouts.request_timeout_s`) passed first.
+    public func predict(_ item: JSONValue, deadline: ContinuousClock.Instant? = nil) async throws -> JSONValue {
+        let results = try await batcher.submit([.json(item)], deadline: deadline)
         return try Self.json(results[0]).get()
     }
 
     /// Predicts many items in one call: one result per item, in order. One item's failure does not
     /// fail the others. Throws only when the model cannot take the items at all.
-    public func predict(batch items: [JSONValue]) async throws -> [ItemResult] {
-        try await batcher.submit(items.map(Payload.json)).map(Self.json)
+    public func predict(batch items: [JSONValue], deadline: ContinuousClock.Instant? = nil) async throws -> [ItemResult] {
+        try await batcher.submit(items.map(Payload.json), deadline: deadline).map(Self.json)
     }
 
     /// Runs one Open Inference Protocol request: its input tensors, checked against the model's
@@ -47,9 +48,9 @@ public final class Model: Sendable {
     ///
     /// Throws ``SidecarError`` (`invalidInput`) for a request that does not match, and
     /// ``PredictionError`` when the handler failed for it.
-    public func infer(_ inputs: [Tensor]) async throws -> [Tensor] {
+    public func infer(_ inputs: [Tensor], deadline: ContinuousClock.Instant? = nil) async throws -> [Tensor] {
         try validate(inputs)
-        let results = try await batcher.submit([.tensors(inputs)])
+        let results = try await batcher.submit([.tensors(inputs)], deadline: deadline)
         guard case .tensors(var outputs) = try results[0].get() else {
             throw PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a tensor request with JSON")
         }
@@ -108,5 +109,28 @@ public final class Model: Sendable {
     public var workers: [WorkerStatus] { executor.workers }
 
     /// True while at least one worker is ready to take batches.
-    public var isReady: Bool { workers.contains { $0.state == .ready } }
+    public var isReady: Bool { executor.failure == nil && workers.contains { $0.state.isServing } }
+
+    /// The model's state as operators see it.
+    public enum State: Sendable, Equatable {
+        /// No worker is serving yet (starting, or every worker is being replaced).
+        case loading
+        /// At least one worker is serving.
+        case ready
+        /// The crash-loop breaker tripped: requests are refused until the model is reloaded.
+        case failed(SidecarError)
+
+        public static func == (a: State, b: State) -> Bool {
+            switch (a, b) {
+            case (.loading, .loading), (.ready, .ready): return true
+            case (.failed(let x), .failed(let y)): return x.message == y.message
+            default: return false
+            }
+        }
+    }
+
+    public var state: State {
+        if let failure = executor.failure { return .failed(failure) }
+        return isReady ? .ready : .loading
+    }
 }

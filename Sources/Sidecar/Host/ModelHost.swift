@@ -105,12 +105,14 @@ public final class ModelHost: Service, Sendable {
         let socketDirectory = socketRoot.appendingPathComponent("\(id)")
         try FileManager.default.createDirectory(at: socketDirectory, withIntermediateDirectories: true)
         let config = bundle.configuration
-        let batcher = Batcher(modelName: modelName, batching: config.batching, maxRetries: config.maxRetries)
+        let batcher = Batcher(
+            modelName: modelName, batching: config.batching, maxRetries: config.maxRetries, retry: config.retry,
+            defaultTimeout: config.timeouts.request)
         let spec = WorkerSpec(
             model: modelName, python: environment.python, modelDirectory: bundle.directory, handler: config.handler,
             handlerConfig: config.handlerConfig, socketDirectory: socketDirectory, timeouts: config.timeouts,
-            maxMessageBytes: options.maxMessageBytes, window: 2)
-        let pool = WorkerPool(spec: spec, size: config.workers, batcher: batcher, logger: modelLogger)
+            maxMessageBytes: options.maxMessageBytes, window: 2, recycle: config.recycle)
+        let pool = WorkerPool(spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, logger: modelLogger)
         let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
@@ -154,6 +156,15 @@ public final class ModelHost: Service, Sendable {
             }
         }
         logger.info("model unloaded", metadata: ["model": "\(name)"])
+    }
+
+    /// Unloads `name` and loads it again from the same directory with the same settings: how a model
+    /// that went FAILED (or whose files changed) comes back.
+    @discardableResult
+    public func reload(_ name: String) async throws -> Model {
+        guard let model = model(named: name) else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
+        try await unload(name)
+        return try await load(model.bundle.directory.path, workers: model.configuration.workers, name: name)
     }
 
     /// Unloads every model and ends ``run()``.

@@ -15,8 +15,13 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var workers: Int
     public var batching: Batching
     public var timeouts: Timeouts
-    /// How many times a batch whose worker died is dispatched again before its items fail.
+    /// How many times an item whose worker died while running it is dispatched again before it fails.
     public var maxRetries: Int
+    /// Whether items of a worker that died may run again at all (`retry: false` for handlers that
+    /// must not run an item twice: those items fail with an error saying so).
+    public var retry: Bool = true
+    public var restartPolicy = RestartPolicy()
+    public var recycle = Recycle()
     public var python: Python
     /// Free-form settings handed to the handler's context as a dict (`config:` in `sidecar.yaml`).
     public var handlerConfig: JSONValue
@@ -45,6 +50,31 @@ public struct ModelConfiguration: Sendable, Equatable {
         public var pingTimeout: Duration = .seconds(30)
         /// On shutdown, how long in-flight batches may run before workers are killed (default 30 s).
         public var shutdownGrace: Duration = .seconds(30)
+        /// How long one batch may run before its worker is declared stuck, killed and replaced
+        /// (the progress check; default 300 s).
+        public var batch: Duration = .seconds(300)
+        /// The deadline of a request that brings none (nil, the default: no deadline).
+        public var request: Duration?
+    }
+
+    /// The crash-loop breaker: `maxFailures` worker failures within `window` mark the model FAILED
+    /// instead of restarting forever. Deaths while running a batch do not count (the batch is the
+    /// suspect, and poison isolation deals with it).
+    public struct RestartPolicy: Sendable, Equatable {
+        public var maxFailures: Int = 5
+        public var window: Duration = .seconds(60)
+        /// The longest wait between restarts of one worker slot (the backoff doubles up to it).
+        public var maxBackoff: Duration = .seconds(30)
+    }
+
+    /// When a worker is replaced gracefully (its successor is ready before it drains).
+    public struct Recycle: Sendable, Equatable {
+        /// Items a worker handles before it is replaced (0: never).
+        public var maxRequests: Int = 0
+        /// Up to this many more, drawn at random per worker, so workers do not recycle in lockstep.
+        public var maxRequestsJitter: Int = 0
+        /// Resident memory (MiB) past which a worker is replaced (0: never).
+        public var maxRSSMegabytes: Int = 0
     }
 
     public struct Python: Sendable, Equatable {
@@ -136,7 +166,10 @@ private struct ConfigReader {
             throw SidecarError(.invalidModel, "\(file): not valid YAML: \(error)")
         }
         guard let root else { return config }  // an empty file means all defaults
-        let top = ["name", "handler", "workers", "max_retries", "batching", "timeouts", "python", "config", "inputs", "outputs"]
+        let top = [
+            "name", "handler", "workers", "max_retries", "retry", "restart_policy", "recycle", "batching", "timeouts", "python",
+            "config", "inputs", "outputs",
+        ]
         for (key, value) in try mapping(root, key: "", allowed: top) {
             switch key {
             case "name":
@@ -156,6 +189,27 @@ private struct ConfigReader {
                 config.workers = try int(value, key: key, range: 1...256)
             case "max_retries":
                 config.maxRetries = try int(value, key: key, range: 0...100)
+            case "retry":
+                guard case .scalar = value, let flag = value.bool else { throw fail(key, "true or false", got: value) }
+                config.retry = flag
+            case "restart_policy":
+                for (k, v) in try mapping(value, key: key, allowed: ["max_failures", "window_s", "max_backoff_s"]) {
+                    let path = "restart_policy.\(k)"
+                    switch k {
+                    case "max_failures": config.restartPolicy.maxFailures = try int(v, key: path, range: 1...10_000)
+                    case "window_s": config.restartPolicy.window = try seconds(v, key: path)
+                    default: config.restartPolicy.maxBackoff = try seconds(v, key: path)
+                    }
+                }
+            case "recycle":
+                for (k, v) in try mapping(value, key: key, allowed: ["max_requests", "max_requests_jitter", "max_rss_mb"]) {
+                    let path = "recycle.\(k)"
+                    switch k {
+                    case "max_requests": config.recycle.maxRequests = try int(v, key: path, range: 0...Int(Int32.max))
+                    case "max_requests_jitter": config.recycle.maxRequestsJitter = try int(v, key: path, range: 0...Int(Int32.max))
+                    default: config.recycle.maxRSSMegabytes = try int(v, key: path, range: 0...10_000_000)
+                    }
+                }
             case "batching":
                 for (k, v) in try mapping(value, key: key, allowed: ["max_batch_size", "max_delay_ms", "max_queue"]) {
                     let path = "batching.\(k)"
@@ -166,13 +220,15 @@ private struct ConfigReader {
                     }
                 }
             case "timeouts":
-                let keys = ["startup_s", "ping_interval_s", "ping_timeout_s", "shutdown_grace_s"]
+                let keys = ["startup_s", "ping_interval_s", "ping_timeout_s", "shutdown_grace_s", "batch_timeout_s", "request_timeout_s"]
                 for (k, v) in try mapping(value, key: key, allowed: keys) {
                     let d = try seconds(v, key: "timeouts.\(k)")
                     switch k {
                     case "startup_s": config.timeouts.startup = d
                     case "ping_interval_s": config.timeouts.pingInterval = d
                     case "ping_timeout_s": config.timeouts.pingTimeout = d
+                    case "batch_timeout_s": config.timeouts.batch = d
+                    case "request_timeout_s": config.timeouts.request = d
                     default: config.timeouts.shutdownGrace = d
                     }
                 }

@@ -10,4 +10,6 @@ protocol Executor: Sendable {
     func stop()
     /// One status per worker.
     var workers: [WorkerStatus] { get }
+    /// Why the executor gave up serving (the crash-loop breaker tripped), or nil.
+    var failure: SidecarError? { get }
 }

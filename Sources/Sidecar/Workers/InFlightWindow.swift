@@ -7,6 +7,9 @@ final class InFlightWindow: Sendable {
 
     private struct State {
         var jobs: [UInt64: BatchJob] = [:]
+        /// When each batch started running, as far as the supervisor can tell: a worker runs its
+        /// batches one after the other, so the next one starts when the previous one is answered.
+        var started: [UInt64: ContinuousClock.Instant] = [:]
         var roomWaiter: CheckedContinuation<Void, Never>?
         var closed = false
     }
@@ -16,6 +19,9 @@ final class InFlightWindow: Sendable {
     init(capacity: Int) { self.capacity = capacity }
 
     var count: Int { state.withLock { $0.jobs.count } }
+
+    /// When the longest-running batch started (for `batch_timeout_s`), or nil when idle.
+    var oldestStart: ContinuousClock.Instant? { state.withLock { $0.started.values.min() } }
 
     /// Returns once fewer than `capacity` batches are in flight (or the window is closed).
     func waitForRoom() async {
@@ -34,6 +40,7 @@ final class InFlightWindow: Sendable {
         state.withLock { state in
             guard !state.closed else { return false }
             state.jobs[job.id] = job
+            state.started[job.id] = .now
             return true
         }
     }
@@ -42,6 +49,10 @@ final class InFlightWindow: Sendable {
     func remove(_ id: UInt64) -> BatchJob? {
         let (job, wake): (BatchJob?, [CheckedContinuation<Void, Never>]) = state.withLock { state in
             let job = state.jobs.removeValue(forKey: id)
+            if state.started.removeValue(forKey: id) != nil {
+                let now = ContinuousClock.now
+                for key in state.started.keys { state.started[key] = now }
+            }
             var wake: [CheckedContinuation<Void, Never>] = []
             if let waiter = state.roomWaiter, state.jobs.count < capacity {
                 wake.append(waiter)
@@ -59,6 +70,7 @@ final class InFlightWindow: Sendable {
             state.closed = true
             let jobs = state.jobs.values.sorted { $0.id < $1.id }
             state.jobs = [:]
+            state.started = [:]
             var wake: [CheckedContinuation<Void, Never>] = []
             if let waiter = state.roomWaiter { wake.append(waiter) }
             state.roomWaiter = nil

@@ -1,3 +1,4 @@
+import DequeModule
 import Foundation
 import Logging
 import Metrics
@@ -5,43 +6,114 @@ import Synchronization
 
 /// The supervisor of one model's Python worker processes.
 ///
-/// Each slot runs a loop, the whole policy in one place (gunicorn's arbiter is the model): start a
-/// process, wait for it to end, hand its unanswered batches back to the batcher so another worker
-/// runs them, then start a replacement after a backoff — unless the pool is stopping.
+/// The pool is a set of slots; each slot keeps one worker process alive and owns the whole policy
+/// for it in one event loop (gunicorn's arbiter is the model): start a process; when it dies, hand
+/// its unanswered batches back to the batcher (which splits them, so a poison item ends up alone)
+/// and start a replacement after an exponential backoff with jitter; when it asks to be recycled,
+/// start its successor first and retire it only once the successor is ready, so capacity does not
+/// dip. Failures that are not a batch's doing feed the crash-loop breaker, which marks the model
+/// FAILED instead of restarting forever.
 final class WorkerPool: Executor {
     let spec: WorkerSpec
-    let size: Int
     let batcher: Batcher
     let logger: Logger
+    let policy: ModelConfiguration.RestartPolicy
+
+    /// What a slot's event loop reacts to. Workers are named by their generation within the slot.
+    enum SlotEvent: Sendable {
+        case ready(generation: Int)
+        case exited(generation: Int, WorkerExit)
+        /// The worker reached a `recycle:` limit.
+        case recycle(generation: Int, reason: String)
+        /// A backoff ended: start the replacement.
+        case restart
+        /// The slot leaves the pool (scale-down, or the model failed): drain its workers and end.
+        case retire
+        /// The pool is stopping: end once the workers have drained the queue and exited.
+        case stop
+    }
 
     private struct State {
         var stopping = false
+        /// Slots and the event sinks of their loops.
+        var slots: [Int: AsyncStream<SlotEvent>.Continuation] = [:]
+        /// Each slot's history (restarts, last error, what its past processes served) ...
+        var statuses: [Int: LockedBox<WorkerStatus>] = [:]
+        /// ... and the status of the process serving it now.
+        var live: [Int: LockedBox<WorkerStatus>] = [:]
         var readySlots = Set<Int>()
+        var initialSize: Int
         var readiness: Result<Void, SidecarError>?
         var readyWaiters: [CheckedContinuation<Void, any Error>] = []
+        /// Recent failures that count toward the breaker.
+        var failures: Deque<ContinuousClock.Instant> = []
+        /// Set once the breaker tripped.
+        var failure: SidecarError?
     }
 
-    private let state = Mutex(State())
-    private let statuses: [LockedBox<WorkerStatus>]
+    private let state: Mutex<State>
+    /// New slots for ``run()`` to start.
+    private let newSlots: AsyncStream<Int>
+    private let newSlotSink: AsyncStream<Int>.Continuation
 
-    init(spec: WorkerSpec, size: Int, batcher: Batcher, logger: Logger) {
+    init(spec: WorkerSpec, size: Int, batcher: Batcher, policy: ModelConfiguration.RestartPolicy = .init(), logger: Logger) {
         self.spec = spec
-        self.size = size
         self.batcher = batcher
         self.logger = logger
-        self.statuses = (0..<size).map { LockedBox(WorkerStatus(index: $0)) }
+        self.policy = policy
+        self.state = Mutex(State(initialSize: size))
+        (newSlots, newSlotSink) = AsyncStream.makeStream()
+        for slot in 0..<size { addSlot(slot) }
     }
 
-    var workers: [WorkerStatus] { statuses.map { $0.withLock { $0 } } }
+    var workers: [WorkerStatus] {
+        let boxes = state.withLock { state in
+            state.statuses.sorted { $0.key < $1.key }.map { ($0.value, state.live[$0.key]) }
+        }
+        return boxes.map { slot, live in
+            var merged = slot.withLock { $0 }
+            guard let process = live?.withLock({ $0 }) else { return merged }
+            merged.state = process.state
+            merged.pid = process.pid
+            merged.inFlight = process.inFlight
+            merged.rssBytes = process.rssBytes
+            merged.pythonVersion = process.pythonVersion ?? merged.pythonVersion
+            merged.batchesServed += process.batchesServed
+            merged.itemsServed += process.itemsServed
+            return merged
+        }
+    }
+
+    /// Makes `worker` the one a slot's status shows; the served counts of the one it replaces move
+    /// into the slot's history.
+    private func show(_ worker: WorkerProcess?, in slot: Int, history: LockedBox<WorkerStatus>) {
+        let previous: WorkerStatus? = state.withLock { state in
+            defer { state.live[slot] = worker?.status }
+            return state.live[slot]?.withLock { $0 }
+        }
+        guard let previous else { return }
+        history.withLock {
+            $0.batchesServed += previous.batchesServed
+            $0.itemsServed += previous.itemsServed
+            $0.pythonVersion = previous.pythonVersion ?? $0.pythonVersion
+        }
+    }
+
+    /// Set once the crash-loop breaker tripped: why the model is FAILED.
+    var failure: SidecarError? { state.withLock { $0.failure } }
 
     func run() async {
         await withDiscardingTaskGroup { group in
-            for slot in 0..<size {
-                group.addTask { await self.runSlot(slot) }
+            group.addTask { await self.batcher.watchDeadlines() }
+            await withDiscardingTaskGroup { slots in
+                for await slot in newSlots {
+                    slots.addTask { await self.runSlot(slot) }
+                }
             }
+            group.cancelAll()
         }
         // Nothing will run what is still queued.
-        batcher.fail(SidecarError(.unavailable, "model '\(spec.model)' stopped"))
+        batcher.fail(failure ?? SidecarError(.unavailable, "model '\(spec.model)' stopped"))
     }
 
     func waitUntilReady() async throws {
@@ -56,16 +128,31 @@ final class WorkerPool: Executor {
     }
 
     func stop() {
-        state.withLock { $0.stopping = true }
+        let sinks: [AsyncStream<SlotEvent>.Continuation] = state.withLock { state in
+            state.stopping = true
+            return Array(state.slots.values)
+        }
         // Workers keep taking what is queued; once the queue is empty each finishes its in-flight
-        // batches and exits, and the slot loops see `stopping` and do not restart them.
+        // batches and exits, and the slots see `stopping` and do not restart them.
         batcher.close()
+        for sink in sinks { sink.yield(.stop) }
         resolveReadiness(.failure(SidecarError(.unavailable, "model '\(spec.model)' was stopped while starting")))
+        finishSlotsIfEmpty()
     }
 
-    /// Stopping, or cancelled: a cancelled task cannot sleep through a backoff, so without the
-    /// cancellation check the slot loop would restart workers in a tight loop.
-    private var isStopping: Bool { state.withLock { $0.stopping } || Task.isCancelled }
+    private var isStopping: Bool { state.withLock { $0.stopping } }
+
+    private func addSlot(_ slot: Int) {
+        state.withLock { state in
+            state.statuses[slot] = LockedBox(WorkerStatus(index: slot))
+        }
+        newSlotSink.yield(slot)
+    }
+
+    private func finishSlotsIfEmpty() {
+        let done = state.withLock { $0.stopping && $0.slots.isEmpty }
+        if done { newSlotSink.finish() }
+    }
 
     private func resolveReadiness(_ outcome: Result<Void, SidecarError>) {
         let waiters: [CheckedContinuation<Void, any Error>] = state.withLock { state in
@@ -80,56 +167,186 @@ final class WorkerPool: Executor {
     private func slotReady(_ slot: Int) {
         let allReady = state.withLock { state -> Bool in
             state.readySlots.insert(slot)
-            return state.readySlots.count == size
+            return state.readySlots.count >= state.initialSize
         }
         if allReady { resolveReadiness(.success(())) }
     }
 
-    private func runSlot(_ slot: Int) async {
-        var generation = 0
-        var failuresInARow = 0
-        let status = statuses[slot]
-        while !isStopping {
-            let worker = WorkerProcess(
-                spec: spec, index: slot, generation: generation, batcher: batcher, status: status, logger: logger,
-                onReady: { [weak self] in self?.slotReady(slot) })
-            let exit = await worker.run()
+    // MARK: The crash-loop breaker
 
-            // Nothing is lost: what the dead worker was running goes back to the head of the queue.
-            let unanswered = worker.window.close()
-            for job in unanswered {
-                batcher.requeue(job, reason: "worker \(slot) ended while running the item (\(exit.reason))")
-            }
-            if isStopping { break }
-
-            let message = "worker \(slot) \(exit.reason)"
-            status.withLock { $0.lastError = message; $0.restarts += 1 }
-            Counter(label: "sidecar_worker_restarts_total", dimensions: [("model", spec.model)]).increment()
-            if !unanswered.isEmpty {
-                logger.warning("\(message); \(unanswered.count) batch(es) it was running go back to the queue")
-            } else {
-                logger.warning("\(message)")
-            }
-
-            let initial = state.withLock { $0.readiness == nil }
-            if initial, !exit.becameReady {
-                // The first start failed: report it rather than retrying a handler that cannot load.
-                let detail = exit.loadError?.traceback ?? exit.stderrTail.joined(separator: "\n")
-                let headline = exit.loadError.map { "\($0.type): \($0.message)" } ?? exit.reason
-                resolveReadiness(.failure(SidecarError(.loadFailed, "model '\(spec.model)': worker \(slot) failed to start: \(headline)", detail: detail)))
-                break
-            }
-            failuresInARow = exit.becameReady ? 0 : failuresInARow + 1
-            generation += 1
-            // Exponential backoff with jitter, so a crash loop does not spin and replacements of
-            // several workers do not start in lockstep.
-            let base = min(30.0, 0.1 * pow(2.0, Double(failuresInARow)))
-            let delay = base * Double.random(in: 0.5...1.0)
-            let wakeAt = ContinuousClock.now.advanced(by: .milliseconds(Int(delay * 1000)))
-            while !isStopping, ContinuousClock.now < wakeAt {
-                try? await Task.sleep(for: .milliseconds(50))
-            }
+    /// Records a failure that is not a batch's doing; trips the breaker at `max_failures` within
+    /// `window_s`.
+    private func recordFailure(slot: Int, exit: WorkerExit) {
+        let now = ContinuousClock.now
+        let tripped: Bool = state.withLock { state in
+            guard state.failure == nil else { return false }
+            state.failures.append(now)
+            while let first = state.failures.first, now - first > policy.window { state.failures.removeFirst() }
+            return state.failures.count >= policy.maxFailures
         }
+        guard tripped else { return }
+        let last = exit.loadError.map { "the handler failed to load: \($0.type): \($0.message)" } ?? exit.reason
+        let error = SidecarError(
+            .unavailable,
+            "model '\(spec.model)' is FAILED: workers failed \(policy.maxFailures) times within \(policy.window) (restart_policy); "
+                + "last, worker \(slot): \(last). Fix the cause and reload the model.",
+            detail: exit.loadError?.traceback ?? (exit.stderrTail.isEmpty ? nil : exit.stderrTail.joined(separator: "\n")))
+        fail(error)
+    }
+
+    /// Marks the model FAILED: refuses new requests and fails queued ones with `error`, and retires
+    /// every slot. The model stays listed (with the reason) until it is reloaded or unloaded.
+    private func fail(_ error: SidecarError) {
+        let sinks: [AsyncStream<SlotEvent>.Continuation] = state.withLock { state in
+            state.failure = error
+            state.stopping = true
+            return Array(state.slots.values)
+        }
+        logger.critical("\(error.message)", metadata: error.detail.map { ["detail": "\($0)"] } ?? [:])
+        batcher.fail(error)
+        resolveReadiness(.failure(error))
+        for sink in sinks { sink.yield(.retire) }
+        finishSlotsIfEmpty()
+    }
+
+    // MARK: One slot
+
+    private func runSlot(_ slot: Int) async {
+        let (events, sink) = AsyncStream.makeStream(of: SlotEvent.self)
+        guard let status = state.withLock({ state -> LockedBox<WorkerStatus>? in
+            state.slots[slot] = sink
+            return state.statuses[slot]
+        }) else { return }
+        if isStopping { sink.yield(.stop) }
+
+        await withDiscardingTaskGroup { group in
+            var workers: [Int: WorkerProcess] = [:]
+            var current: Int?
+            /// A successor being started while `current` still serves (recycling).
+            var incoming: Int?
+            var nextGeneration = 0
+            var failuresInARow = 0
+            var leaving = false
+
+            func start() -> Int {
+                let generation = nextGeneration
+                nextGeneration += 1
+                let worker = WorkerProcess(
+                    spec: spec, index: slot, generation: generation, batcher: batcher, logger: logger,
+                    onReady: { sink.yield(.ready(generation: generation)) },
+                    onRecycle: { sink.yield(.recycle(generation: generation, reason: $0)) })
+                workers[generation] = worker
+                group.addTask { sink.yield(.exited(generation: generation, await worker.run())) }
+                return generation
+            }
+
+            if !isStopping {
+                current = start()
+                show(workers[current!], in: slot, history: status)
+            }
+            for await event in events {
+                switch event {
+                case .ready(let generation):
+                    if generation == incoming, let old = current {
+                        // The successor is ready: only now does the old worker stop taking batches.
+                        workers[old]?.retire()
+                        current = generation
+                        incoming = nil
+                        show(workers[generation], in: slot, history: status)
+                        status.withLock { $0.recycles += 1 }
+                    }
+                    if generation == current { slotReady(slot) }
+
+                case .recycle(let generation, let reason):
+                    guard generation == current, incoming == nil, !leaving, !isStopping else { break }
+                    logger.info("recycling worker \(slot): \(reason); starting its successor first")
+                    incoming = start()
+
+                case .exited(let generation, let exit):
+                    guard let worker = workers.removeValue(forKey: generation) else { break }
+                    // Nothing is lost: what the worker was running goes back to the batcher.
+                    let unanswered = worker.window.close()
+                    for job in unanswered {
+                        batcher.workerDied(job, reason: "worker \(slot) \(exit.reason) while running the item")
+                    }
+                    if generation == incoming {
+                        incoming = nil
+                        logger.warning("the successor of worker \(slot) failed to start (\(exit.reason)); the current one keeps serving")
+                        recordFailure(slot: slot, exit: exit)
+                        break
+                    }
+                    guard generation == current else { break }  // a retired worker finished draining
+                    current = nil
+                    show(nil, in: slot, history: status)
+                    if exit.retired || isStopping || leaving { break }
+
+                    let message = "worker \(slot) \(exit.reason)"
+                    status.withLock {
+                        $0.lastError = message
+                        $0.restarts += 1
+                        $0.state = .dead
+                    }
+                    Counter(label: "sidecar_worker_restarts_total", dimensions: [("model", spec.model)]).increment()
+                    if unanswered.isEmpty {
+                        logger.warning("\(message)")
+                    } else {
+                        logger.warning("\(message); the \(unanswered.count) batch(es) it was running are split and run again")
+                    }
+                    let initial = state.withLock { $0.readiness == nil }
+                    if initial, !exit.becameReady {
+                        // The first start failed: report it rather than retrying a handler that cannot load.
+                        let detail = exit.loadError?.traceback ?? exit.stderrTail.joined(separator: "\n")
+                        let headline = exit.loadError.map { "\($0.type): \($0.message)" } ?? exit.reason
+                        resolveReadiness(.failure(SidecarError(.loadFailed, "model '\(spec.model)': worker \(slot) failed to start: \(headline)", detail: detail)))
+                        leaving = true
+                        break
+                    }
+                    // A death while running a batch is blamed on the batch (poison isolation splits
+                    // it); anything else counts toward the crash-loop breaker.
+                    if unanswered.isEmpty { recordFailure(slot: slot, exit: exit) }
+                    if let successor = incoming {
+                        current = successor
+                        incoming = nil
+                        show(workers[successor], in: slot, history: status)
+                        break
+                    }
+                    failuresInARow = exit.becameReady ? 0 : failuresInARow + 1
+                    // Exponential backoff with jitter, so a crash loop does not spin and replacements of
+                    // several workers do not start in lockstep.
+                    let cap = Double(policy.maxBackoff.components.seconds) + Double(policy.maxBackoff.components.attoseconds) / 1e18
+                    let delay = min(cap, 0.1 * pow(2.0, Double(failuresInARow))) * Double.random(in: 0.5...1.0)
+                    group.addTask {
+                        try? await Task.sleep(for: .milliseconds(Int(delay * 1000)))
+                        sink.yield(.restart)
+                    }
+
+                case .restart:
+                    if current == nil, !leaving, !isStopping {
+                        current = start()
+                        show(workers[current!], in: slot, history: status)
+                    }
+
+                case .retire:
+                    leaving = true
+                    incoming = nil
+                    for worker in workers.values { worker.retire() }
+
+                case .stop:
+                    break
+                }
+                if workers.isEmpty, leaving || isStopping { break }
+            }
+            // Pending backoff sleeps end with the slot.
+            group.cancelAll()
+        }
+        show(nil, in: slot, history: status)
         status.withLock { $0.state = .stopped }
+        state.withLock { state in
+            state.slots[slot] = nil
+            // A slot removed by scale-down leaves the status list; after a stop or a failure the
+            // stopped slots stay visible.
+            if !state.stopping { state.statuses[slot] = nil }
+        }
+        finishSlotsIfEmpty()
     }
 }

@@ -26,6 +26,7 @@ struct WorkerSpec: Sendable {
     let maxMessageBytes: Int
     /// Batches one worker may have in flight.
     let window: Int
+    var recycle = ModelConfiguration.Recycle()
 }
 
 /// How one worker process ended.
@@ -37,6 +38,8 @@ struct WorkerExit: Sendable {
     var reason: String
     /// What the process last wrote to stderr, for errors before the handler could report anything.
     var stderrTail: [String]
+    /// It was asked to leave (retired, or the model stopped): not a failure.
+    var retired: Bool
 }
 
 /// One life of one Python worker process: spawn it in its own process group, connect its session,
@@ -49,8 +52,12 @@ final class WorkerProcess: Sendable {
     let batcher: Batcher
     let window: InFlightWindow
     let logger: Logger
-    private let status: LockedBox<WorkerStatus>
+    /// This process's part of its slot's status (the pool adds the slot's history).
+    let status: LockedBox<WorkerStatus>
     private let onReady: @Sendable () -> Void
+    private let onRecycle: @Sendable (String) -> Void
+    /// Items this process may handle before it asks to be recycled (nil: no limit).
+    private let itemLimit: Int?
 
     private struct Session {
         var pid: pid_t = 0
@@ -58,31 +65,53 @@ final class WorkerProcess: Sendable {
         var loadError: PredictionError?
         var endReason: String?
         var lastPong = ContinuousClock.now
+        /// Draining: the model stopped or the worker was retired.
         var stopping = false
+        var retired = false
+        var itemsServed = 0
     }
 
     private let session = Mutex(Session())
+    /// Finished by ``retire()``: the dispatcher stops taking batches.
+    private let retirement: AsyncStream<Void>
+    private let retirementSink: AsyncStream<Void>.Continuation
     /// Time the handler spent on each batch (`sidecar_compute_seconds`).
     private let computeTime: Metrics.Timer
 
     init(
-        spec: WorkerSpec, index: Int, generation: Int, batcher: Batcher, status: LockedBox<WorkerStatus>,
-        logger: Logger, onReady: @escaping @Sendable () -> Void
+        spec: WorkerSpec, index: Int, generation: Int, batcher: Batcher,
+        logger: Logger, onReady: @escaping @Sendable () -> Void, onRecycle: @escaping @Sendable (String) -> Void = { _ in }
     ) {
         self.spec = spec
         self.index = index
         self.generation = generation
         self.batcher = batcher
         self.window = InFlightWindow(capacity: spec.window)
-        self.status = status
+        self.status = LockedBox(WorkerStatus(index: index))
         var logger = logger
         logger[metadataKey: "worker"] = "\(index)"
         self.logger = logger
         self.onReady = onReady
+        self.onRecycle = onRecycle
+        let recycle = spec.recycle
+        self.itemLimit = recycle.maxRequests > 0 ? recycle.maxRequests + Int.random(in: 0...recycle.maxRequestsJitter) : nil
+        (retirement, retirementSink) = AsyncStream.makeStream()
         self.computeTime = Metrics.Timer(label: "sidecar_compute_seconds", dimensions: [("model", spec.model)])
     }
 
     var socketPath: String { spec.socketDirectory.appendingPathComponent("w\(index)-\(generation).sock").path }
+
+    /// Asks the worker to leave: it takes no new batch, finishes those in flight (up to
+    /// `shutdown_grace_s`), then gets Shutdown, SIGTERM, SIGKILL. A worker still loading has
+    /// nothing to finish and is killed at once.
+    func retire() {
+        let (ready, pid) = session.withLock { session -> (Bool, pid_t) in
+            session.retired = true
+            return (session.ready, session.pid)
+        }
+        retirementSink.finish()
+        if !ready, pid > 0 { Self.killGroup(pid, logger: logger) }
+    }
 
     /// Runs the process to its end. Batches it had in flight are left in `window` for the caller to
     /// hand back to the batcher.
@@ -128,8 +157,12 @@ final class WorkerProcess: Sendable {
         status.withLock {
             $0.state = .stopped
             $0.pid = nil
+            $0.inFlight = 0
+            $0.rssBytes = nil
         }
-        return WorkerExit(becameReady: end.ready, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines)
+        return WorkerExit(
+            becameReady: end.ready, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines,
+            retired: end.retired || end.stopping)
     }
 
     private enum Finished { case processGone, sessionEnded, killed }
@@ -280,7 +313,12 @@ final class WorkerProcess: Sendable {
                         logger.warning("result for unknown batch \(result.id) ignored")
                         continue
                     }
-                    status.withLock { $0.batchesServed += 1 }
+                    status.withLock {
+                        $0.batchesServed += 1
+                        $0.itemsServed += job.count
+                        $0.inFlight -= 1
+                        if $0.inFlight == 0, $0.state == .busy { $0.state = .ready }
+                    }
                     computeTime.recordNanoseconds(Int64(result.computeSeconds * 1e9))
                     if job.count > 1, BatchResultDecoder.handlerRaised(result) {
                         // One item's exception must not fail the others (from other callers too).
@@ -301,22 +339,19 @@ final class WorkerProcess: Sendable {
         }
     }
 
-    /// Feeds the worker: whenever it has room, take what is queued (up to max_batch_size) and send it.
+    /// Feeds the worker until the model stops or the worker is retired, then drains it.
     private func dispatch(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation) async {
-        while !Task.isCancelled {
-            await window.waitForRoom()
-            if Task.isCancelled { break }
-            guard let job = await batcher.nextBatch() else { break }
-            guard window.add(job) else {
-                batcher.requeue(job, reason: "worker \(index) stopped")
-                return
-            }
-            sink.yield(.with { $0.batch = BatchEncoder.message(for: job) })
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.feed(sink: sink) }
+            group.addTask { for await _ in self.retirement {} }
+            // Whichever ends first (the queue closed and drained, or retirement) ends the feeding.
+            _ = await group.next()
+            group.cancelAll()
         }
         guard !Task.isCancelled else { return }
         session.withLock { $0.stopping = true }
-        // The model is stopping and its queue is empty: let the batches in flight finish, up to the grace period,
-        // then say goodbye. Batches still running at the end go back to the batcher.
+        // Let the batches in flight finish, up to the grace period, then say goodbye. Batches still
+        // running at the end go back to the batcher once the process is gone.
         status.withLock { $0.state = .draining }
         let deadline = ContinuousClock.now.advanced(by: spec.timeouts.shutdownGrace)
         while window.count > 0, ContinuousClock.now < deadline, !Task.isCancelled {
@@ -325,8 +360,7 @@ final class WorkerProcess: Sendable {
         sink.yield(.with { $0.shutdown = .init() })
         sink.finish()
         if window.count > 0 {
-            // The worker would wait for its batch forever; its batches go back to the batcher when
-            // the process is gone.
+            // The worker would wait for its batch forever.
             let pid = session.withLock { $0.pid }
             logger.warning("\(window.count) batch(es) still running after shutdown_grace_s (\(spec.timeouts.shutdownGrace)); sending SIGTERM, SIGKILL in 2 s", metadata: ["pid": "\(pid)"])
             _ = kill(-pid, SIGTERM)
@@ -335,29 +369,81 @@ final class WorkerProcess: Sendable {
         }
     }
 
-    /// Pings the Python loop; a worker that leaves pings unanswered past ping_timeout is hung (a
-    /// deadlock, a GIL held forever, SIGSTOP) and its process group is killed.
+    /// Whenever the worker has room, takes what is queued (up to max_batch_size) and sends it.
+    private func feed(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation) async {
+        while !Task.isCancelled {
+            await window.waitForRoom()
+            if Task.isCancelled { return }
+            guard let job = await batcher.nextBatch() else { return }
+            guard window.add(job) else {
+                batcher.giveBack(job)
+                return
+            }
+            status.withLock {
+                $0.inFlight += 1
+                if $0.state == .ready { $0.state = .busy }
+            }
+            sink.yield(.with { $0.batch = BatchEncoder.message(for: job) })
+        }
+    }
+
+    /// Watches the worker's health at each ping interval: the Python loop (a worker that leaves
+    /// pings unanswered past ping_timeout is hung: a deadlock, a GIL held forever, SIGSTOP), progress
+    /// (a batch running past batch_timeout), and the `recycle:` limits. A hung or stuck worker's
+    /// process group is killed; its batches go back to the batcher.
     private func ping(sink: AsyncStream<Sidecar_Worker_V1_SupervisorMessage>.Continuation, pid: pid_t, startupDeadline: ContinuousClock.Instant) async {
         var nonce: UInt64 = 0
         while !Task.isCancelled {
             try? await Task.sleep(for: spec.timeouts.pingInterval)
             if Task.isCancelled { return }
-            let (ready, lastPong) = session.withLock { ($0.ready, $0.lastPong) }
-            if !ready, ContinuousClock.now > startupDeadline {
+            let (ready, lastPong, stopping) = session.withLock { ($0.ready, $0.lastPong, $0.stopping) }
+            let now = ContinuousClock.now
+            if !ready, now > startupDeadline {
                 setEndReason("did not become ready within \(spec.timeouts.startup) (timeouts.startup_s)")
                 Self.killGroup(pid, logger: logger)
                 return
             }
-            if ready, ContinuousClock.now - lastPong > spec.timeouts.pingTimeout {
-                logger.error("worker hung: no answer to pings for \(spec.timeouts.pingTimeout); killing it", metadata: ["pid": "\(pid)"])
-                setEndReason("hung: no answer to pings for \(spec.timeouts.pingTimeout) (timeouts.ping_timeout_s)")
-                Self.killGroup(pid, logger: logger)
+            if ready, now - lastPong > spec.timeouts.pingTimeout {
+                declareHung("hung: no answer to pings for \(spec.timeouts.pingTimeout) (timeouts.ping_timeout_s)", pid: pid)
                 return
+            }
+            if let started = window.oldestStart, now - started > spec.timeouts.batch {
+                declareHung("stuck: a batch ran past \(spec.timeouts.batch) (timeouts.batch_timeout_s)", pid: pid)
+                return
+            }
+            let rss = Self.residentBytes(of: pid)
+            let served = status.withLock { status -> Int in
+                status.rssBytes = rss
+                return status.itemsServed
+            }
+            if ready, !stopping {
+                let rssLimit = spec.recycle.maxRSSMegabytes
+                if let itemLimit, served >= itemLimit {
+                    onRecycle("handled \(served) items (recycle.max_requests)")
+                } else if rssLimit > 0, let rss, rss > rssLimit << 20 {
+                    onRecycle("resident memory \(rss >> 20) MiB is over \(rssLimit) MiB (recycle.max_rss_mb)")
+                }
             }
             nonce += 1
             let n = nonce
             sink.yield(.with { $0.ping = .with { $0.nonce = n } })
         }
+    }
+
+    private func declareHung(_ reason: String, pid: pid_t) {
+        logger.error("worker \(reason); killing it", metadata: ["pid": "\(pid)"])
+        status.withLock { $0.state = .hung }
+        setEndReason(reason)
+        Self.killGroup(pid, logger: logger)
+    }
+
+    /// The process's resident memory from /proc (nil where there is none).
+    static func residentBytes(of pid: pid_t) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
+        else { return nil }
+        let kilobytes = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.flatMap { Int($0) }
+        return kilobytes.map { $0 * 1024 }
     }
 
     private static func level(_ python: Int32) -> Logger.Level {

@@ -10,7 +10,7 @@ import Sidecar
 /// error a front reports goes through here, so the two protocols never disagree.
 struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
     enum Code: Sendable {
-        case invalidArgument, notFound, unavailable, queueFull, tooLarge, internalError
+        case invalidArgument, notFound, unavailable, queueFull, tooLarge, deadlineExceeded, internalError
     }
 
     var code: Code
@@ -30,6 +30,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .unavailable: return .serviceUnavailable
         case .queueFull: return .tooManyRequests
         case .tooLarge: return .contentTooLarge
+        case .deadlineExceeded: return .gatewayTimeout
         case .internalError: return .internalServerError
         }
     }
@@ -40,6 +41,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .notFound: return .notFound
         case .unavailable: return .unavailable
         case .queueFull, .tooLarge: return .resourceExhausted
+        case .deadlineExceeded: return .deadlineExceeded
         case .internalError: return .internalError
         }
     }
@@ -54,6 +56,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .unavailable: return "unavailable"
         case .queueFull: return "queue_full"
         case .tooLarge: return "too_large"
+        case .deadlineExceeded: return "deadline_exceeded"
         case .internalError: return "internal"
         }
     }
@@ -78,6 +81,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
             case .invalidArgument: return FrontError(.invalidArgument, error.message)
             case .resourceExhausted: return FrontError(.queueFull, error.message)
             case .unavailable: return FrontError(.unavailable, error.message)
+            case .deadlineExceeded: return FrontError(.deadlineExceeded, error.message)
             default: return FrontError(.internalError, error.message)
             }
         case let error as SidecarError:
@@ -86,6 +90,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
             case .invalidInput, .invalidModel: return FrontError(.invalidArgument, error.message)
             case .queueFull: return FrontError(.queueFull, error.message)
             case .unavailable: return FrontError(.unavailable, error.message)
+            case .deadlineExceeded: return FrontError(.deadlineExceeded, error.message)
             default: return FrontError(.internalError, error.message)
             }
         case let error as PredictionError:

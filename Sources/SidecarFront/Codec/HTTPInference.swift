@@ -78,6 +78,8 @@ enum HTTPInference {
         /// Outputs the client asked for, by name (nil: all), and whether each comes back as binary.
         var requested: [(name: String, binary: Bool)]?
         var binaryByDefault: Bool
+        /// The request's `timeout` parameter (µs), reserved by the Open Inference Protocol.
+        var timeout: Duration?
     }
 
     static func decode(_ body: Data, headerLength: Int?) throws -> Decoded {
@@ -146,7 +148,9 @@ enum HTTPInference {
         let requested = request.outputs?.map { output in
             (output.name, output.parameters?["binary_data"]?.boolValue ?? binaryByDefault)
         }
-        return Decoded(id: request.id, inputs: inputs, requested: requested, binaryByDefault: binaryByDefault)
+        return Decoded(
+            id: request.id, inputs: inputs, requested: requested, binaryByDefault: binaryByDefault,
+            timeout: try Deadlines.timeout(microseconds: request.parameters?["timeout"]))
     }
 
     /// The response body, and the JSON header's length when binary outputs follow it. The JSON is

@@ -76,6 +76,24 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         }
     }
 
+    /// ModelInfer with the request's metadata, for its gRPC deadline (`grpc-timeout`): items still
+    /// queued when it passes are never dispatched. (grpc-swift also cancels the handler then.)
+    func modelInfer(
+        request: ServerRequest<Inference_ModelInferRequest>, context: ServerContext
+    ) async throws -> ServerResponse<Inference_ModelInferResponse> {
+        let start = ContinuousClock.now
+        let timeout = Deadlines.timeout(grpc: request.metadata)
+        do {
+            return ServerResponse(message: try await infer(request.message, start: start, grpcTimeout: timeout), metadata: [:])
+        } catch let error as RPCError {
+            throw error
+        } catch is CancellationError where timeout.map({ ContinuousClock.now >= start.advanced(by: $0) }) == true {
+            throw RPCError(code: .deadlineExceeded, message: "the request's gRPC deadline passed before it was answered")
+        } catch {
+            throw FrontError.from(error).rpcError
+        }
+    }
+
     /// Each request of the stream runs as soon as it arrives (so they batch with each other), and
     /// its response is written when it completes; a failed request gets `error_message` and the
     /// stream goes on.
@@ -125,16 +143,18 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         return model
     }
 
-    private func infer(_ request: Inference_ModelInferRequest) async throws -> Inference_ModelInferResponse {
-        let start = ContinuousClock.now
+    private func infer(
+        _ request: Inference_ModelInferRequest, start: ContinuousClock.Instant = .now, grpcTimeout: Duration? = nil
+    ) async throws -> Inference_ModelInferResponse {
         do {
+            let deadline = Deadlines.deadline(from: start, grpcTimeout, try Deadlines.timeout(request.parameters["timeout"]))
             let size = GRPCTensors.payloadBytes(of: request)
             guard size <= maxMessageBytes else {
                 throw FrontError(.tooLarge, "the request's tensors hold \(size) bytes, over the limit of \(maxMessageBytes) (--max-grpc-message-bytes)")
             }
             let model = try model(request.modelName, version: request.modelVersion)
             let inputs = try GRPCTensors.inputs(of: request)
-            let outputs = try await model.infer(inputs)
+            let outputs = try await model.infer(inputs, deadline: deadline)
             var selected = outputs
             if !request.outputs.isEmpty {
                 selected = try request.outputs.map { wanted in

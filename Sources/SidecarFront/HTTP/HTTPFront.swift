@@ -34,6 +34,14 @@ struct HTTPFront: Sendable {
         router.post("v2/models/{model}/infer") { request, context in try await infer(request, context) }
         router.post("v2/models/{model}/versions/{version}/infer") { request, context in try await infer(request, context) }
         router.post("v1/models/{spec}") { request, context in try await predictV1(request, context) }
+        router.get("status") { _, _ in json(StatusReport.host(host)) }
+        router.get("status/{model}") { _, context in
+            let name = try context.parameters.require("model")
+            guard let model = host.model(named: name) else {
+                throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+            }
+            return json(StatusReport.model(model))
+        }
         router.get("metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
@@ -114,7 +122,9 @@ struct HTTPFront: Sendable {
                 headerLength = nil
             }
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
-            let outputs = try await model.infer(decoded.inputs)
+            let deadline = Deadlines.deadline(
+                from: start, decoded.timeout, try Deadlines.timeout(header: request.headers[Deadlines.header]))
+            let outputs = try await model.infer(decoded.inputs, deadline: deadline)
             let (payload, jsonLength) = try HTTPInference.encode(outputs, for: decoded, model: model.name)
             var headers = HTTPFields()
             if let jsonLength {
@@ -149,7 +159,8 @@ struct HTTPFront: Sendable {
             do { v1 = try JSONDecoder().decode(V1Request.self, from: try await body(request)) } catch { throw FrontError.from(error) }
             let encoder = JSONEncoder()
             let items = try v1.instances.map { JSONValue(trusted: try encoder.encode($0)) }
-            let results = try await model.predict(batch: items)
+            let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
+            let results = try await model.predict(batch: items, deadline: deadline)
             var out = Data(#"{"predictions":["#.utf8)
             for (index, result) in results.enumerated() {
                 switch result {

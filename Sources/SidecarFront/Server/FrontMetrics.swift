@@ -53,12 +53,23 @@ final class FrontMetrics: Sendable {
             guard let model = host.model(named: name) else { continue }
             registry.makeGauge(name: "sidecar_queue_depth", labels: [("model", name)]).set(Double(model.queuedItems))
             let workers = model.workers
-            for state in [WorkerStatus.State.starting, .ready, .draining, .stopped] {
+            for state in WorkerStatus.State.allCases {
                 registry.makeGauge(name: "sidecar_workers", labels: [("model", name), ("state", state.rawValue)])
                     .set(Double(workers.filter { $0.state == state }.count))
             }
             registry.makeGauge(name: "sidecar_worker_restarts", labels: [("model", name)])
                 .set(Double(workers.reduce(0) { $0 + $1.restarts }))
+            let failed: Bool
+            if case .failed = model.state { failed = true } else { failed = false }
+            registry.makeGauge(name: "sidecar_model_failed", labels: [("model", name)]).set(failed ? 1.0 : 0.0)
+            // Per worker: what `GET /status` shows, for dashboards and alerts.
+            for worker in workers {
+                let labels = [("model", name), ("worker", "\(worker.index)")]
+                registry.makeGauge(name: "sidecar_worker_rss_bytes", labels: labels).set(Double(worker.rssBytes ?? 0))
+                registry.makeGauge(name: "sidecar_worker_items_served", labels: labels).set(Double(worker.itemsServed))
+                registry.makeGauge(name: "sidecar_worker_batches_served", labels: labels).set(Double(worker.batchesServed))
+                registry.makeGauge(name: "sidecar_worker_slot_restarts", labels: labels).set(Double(worker.restarts))
+            }
         }
         return registry.emitToString()
     }
