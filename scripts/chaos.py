@@ -16,6 +16,7 @@ contract that did not hold, in words. An empty `problems` list is a pass.
 
   python scripts/chaos.py                 # every scenario, then the table
   python scripts/chaos.py kill9 poison    # some of them
+  python scripts/chaos.py -v ...          # with the facts of passing scenarios too
 
 Environment: SIDECAR_BIN (default .build/debug/sidecar), SIDECAR_CACHE_DIR (default
 .build/test-cache). Needs PyYAML. Importable: Tests/e2e/test_faults.py calls the scenario functions.
@@ -94,14 +95,15 @@ class Result:
             if tally.samples[kind]:
                 self.facts[f"{kind}_samples"] = tally.samples[kind]
 
-    def describe(self) -> str:
+    def describe(self, log: bool = True) -> str:
         """Everything a failing assertion should show: counts, facts, problems, the server log."""
         lines = [f"scenario {self.scenario}: sent {self.sent} ok {self.ok} failed {self.failed} "
                  f"rejected {self.rejected} lost {self.lost}"]
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  {k}: {v}" for k, v in self.facts.items()]
-        lines += ["--- sidecar log (tail) ---", self.log_tail or "(empty)"]
+        if log:
+            lines += ["--- sidecar log (tail) ---", self.log_tail or "(empty)"]
         return "\n".join(lines)
 
 
@@ -389,6 +391,7 @@ class Tally:
     """Thread-safe counts, latencies and a few samples of every outcome."""
 
     def __init__(self):
+        self.created = time.monotonic()
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
         self.statuses: Counter = Counter()
@@ -402,7 +405,9 @@ class Tally:
             self.outcomes.append(outcome)
             samples = self.samples.get(outcome.kind)
             if samples is not None and len(samples) < 5:
-                samples.append(f"{outcome.status}: {outcome.message}"[:300])
+                # When it was sent, relative to the start of the load: lines up with the server log.
+                sent_at = outcome.finished - outcome.seconds - self.created
+                samples.append(f"sent at +{sent_at:.2f} s, {outcome.status}: {outcome.message}"[:300])
 
     @property
     def sent(self) -> int:
@@ -421,9 +426,9 @@ class Load:
     server shows up as missing throughput and every request's fate is known."""
 
     def __init__(self, port: int, clients: int, make_call: Callable[[random.Random], Call], *,
-                 keepalive: bool = True, rejects=frozenset({429}), tally: Tally | None = None):
+                 keepalive: bool = True, rejects=frozenset({429}), tally: Tally | None = None, pause: float = 0.0):
         self.port, self.clients, self.make_call = port, clients, make_call
-        self.keepalive, self.rejects = keepalive, rejects
+        self.keepalive, self.rejects, self.pause = keepalive, rejects, pause
         self.tally = tally or Tally()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -456,6 +461,8 @@ class Load:
             self.tally.add(outcome)
             if outcome.kind == "refused":
                 time.sleep(0.01)  # nothing listens any more; don't spin a core on connect()
+            elif self.pause:
+                time.sleep(self.pause)
         if connection is not None:
             connection.close()
 
@@ -555,7 +562,8 @@ def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float 
             latencies = [o.seconds for o in tally.outcomes if o.kind == "ok"]
             result.facts["ok_p99_ms"] = round(1000 * (percentile(latencies, 0.99) or 0), 1)
             result.notes.append(f"{kills} kills")
-            result.expect(kills >= duration / kill_every / 2, f"only {kills} kills happened (no live worker to kill?)")
+            result.expect(kills >= duration / kill_every / 2,
+                          f"only {kills} kills happened: no live worker to kill at {skipped} ticks (workers not replaced?)")
             result.expect(result.failed == 0, f"{result.failed} requests failed")
             result.expect(result.lost == 0, f"{result.lost} requests lost")
             result.expect(result.ok > 0, "no request succeeded")
@@ -746,23 +754,33 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
             faulty_tally = Tally()  # faulty's own answers: anything but silence is acceptable
             with Load(server.http_port, clients, echo_items("echo")) as load, \
                     Load(server.http_port, 1, lambda rng: v1_call("faulty", rng.randrange(1000)),
-                         rejects=frozenset({429, 503}), tally=faulty_tally):
+                         rejects=frozenset({429, 503}), tally=faulty_tally, pause=0.05):
+                # (paced: once FAILED its 503s come back at once, and a spinning client would take
+                # the CPU that echo's clients need on a small machine)
                 time.sleep(1.0)
                 (faulty / "BROKEN").write_text("restarts of this model fail to import\n")
                 started = time.monotonic()
+                loaded = {pid for pid, _ in worker_processes(server.pid, "faulty")}
                 kills = 0
 
                 def failed_yet():
+                    # Kills only workers that loaded the handler before BROKEN appeared; their
+                    # replacements are left to fail the import on their own, so the last failure
+                    # (the one /status must explain) is the ImportError, not one of our kills.
                     nonlocal kills
                     status = server.model_status("faulty")
                     if status is not None and status.get("state") == "failed":
                         return status
-                    for pid, _ in worker_processes(server.pid, "faulty"):
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                            kills += 1
-                        except ProcessLookupError:
-                            pass
+                    workers, source = server.workers("faulty")
+                    for worker in workers:
+                        pid = worker.get("pid")
+                        up = worker.get("state") in ("ready", "busy") if source == "status" else pid in loaded
+                        if pid and up and alive(pid):
+                            try:
+                                os.kill(pid, signal.SIGKILL)
+                                kills += 1
+                            except ProcessLookupError:
+                                pass
                     return None
 
                 status = wait_until(failed_yet, fail_within, interval=0.3)
@@ -855,9 +873,10 @@ def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_wit
         server = Sidecar([model], Path(tmp))
 
         def make(rng: random.Random) -> Call:
-            # A quarter are slow, so SIGTERM surely finds requests in Python, mid-batch.
-            if rng.random() < 0.25:
-                return v1_call("faulty", {"sleep": 0.3, "n": rng.randrange(10**6)})
+            # Some are slow, so SIGTERM surely finds requests in Python, mid-batch. (Few: the handler
+            # sleeps item after item, so every slow item in a batch delays the whole batch.)
+            if rng.random() < 0.1:
+                return v1_call("faulty", {"sleep": 0.2, "n": rng.randrange(10**6)})
             return echo_items("faulty")(rng)
 
         try:
@@ -890,7 +909,7 @@ def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_wit
     return result
 
 
-def scenario_overload(clients: int = 160, duration: float = 8.0, item_s: float = 0.02, max_queue: int = 64) -> Result:
+def scenario_overload(clients: int = 128, duration: float = 8.0, item_s: float = 0.02, max_queue: int = 64) -> Result:
     """Far more load than the model can take: the queue stays at max_queue, the rest get a 429 with
     Retry-After at once, memory stays flat, and the server serves normally afterwards."""
     result = Result("overload")
@@ -926,7 +945,9 @@ def scenario_overload(clients: int = 160, duration: float = 8.0, item_s: float =
             result.expect(offered >= 10 * capacity, f"offered only {offered:.0f}/s for capacity {capacity:.0f}/s: "
                           "the load generator did not reach 10x (test too weak, not a server fault)")
             result.expect(result.rejected > result.ok, f"{result.rejected} 429s for {result.ok} ok: the extra load was not refused")
-            result.expect(p50 is not None and p50 < 0.1, f"429s are slow: p50 {p50}")
+            # A queued request waits up to max_queue * item_s (1.3 s); a refusal must not queue. The
+            # bound is loose because the clients' own threads share the machine's cores.
+            result.expect(p50 is not None and p50 < 0.15, f"429s are slow: p50 {p50} s")
             result.expect(without_retry_after == 0, f"{without_retry_after} 429s without Retry-After")
             result.expect(without_error == 0, f"{without_error} 429s without an {{\"error\": ...}} body")
             result.expect(result.failed == 0, f"{result.failed} requests failed")
@@ -972,7 +993,8 @@ def table(results: list[Result]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    names = argv or list(SCENARIOS)
+    verbose = "-v" in argv or "--verbose" in argv  # facts of passing scenarios too
+    names = [a for a in argv if a not in ("-v", "--verbose")] or list(SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         print(f"unknown scenario(s): {', '.join(unknown)}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
@@ -983,8 +1005,9 @@ def main(argv: list[str]) -> int:
         started = time.monotonic()
         result = SCENARIOS[name]()
         print(f"   {'PASS' if result.passed else 'FAIL'} in {time.monotonic() - started:.1f} s", file=sys.stderr)
-        if not result.passed:
-            print("\n".join("   " + line for line in result.describe().splitlines()), file=sys.stderr)
+        if verbose or not result.passed:
+            details = result.describe(log=not result.passed)
+            print("\n".join("   " + line for line in details.splitlines()), file=sys.stderr)
         results.append(result)
     print(table(results))
     return 0 if all(r.passed for r in results) else 1

@@ -26,7 +26,7 @@ e2e="$root/.build/e2e-venv"
 if [ ! -x "$e2e/bin/python" ]; then
   /usr/bin/python3.11 -m venv "$e2e"
 fi
-"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest
+"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl)"
 SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e

@@ -23,15 +23,24 @@ final class InFlightWindow: Sendable {
     /// When the longest-running batch started (for `batch_timeout_s`), or nil when idle.
     var oldestStart: ContinuousClock.Instant? { state.withLock { $0.started.values.min() } }
 
-    /// Returns once fewer than `capacity` batches are in flight (or the window is closed).
+    /// Returns once fewer than `capacity` batches are in flight, the window is closed, or the task
+    /// is cancelled: a worker that dies with a full window must not leave its dispatcher waiting
+    /// (the session, and so the process's end, would wait for it forever).
     func waitForRoom() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let ready = state.withLock { state -> Bool in
-                if state.closed || state.jobs.count < capacity { return true }
-                state.roomWaiter = continuation
-                return false
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let ready = state.withLock { state -> Bool in
+                    if state.closed || state.jobs.count < capacity || Task.isCancelled { return true }
+                    state.roomWaiter = continuation
+                    return false
+                }
+                if ready { continuation.resume() }
             }
-            if ready { continuation.resume() }
+        } onCancel: {
+            state.withLock { state in
+                defer { state.roomWaiter = nil }
+                return state.roomWaiter
+            }?.resume()
         }
     }
 

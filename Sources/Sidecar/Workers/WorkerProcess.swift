@@ -383,6 +383,7 @@ final class WorkerProcess: Sendable {
                 $0.inFlight += 1
                 if $0.state == .ready { $0.state = .busy }
             }
+            logger.trace("dispatching batch \(job.id) of \(job.count) items")
             sink.yield(.with { $0.batch = BatchEncoder.message(for: job) })
         }
     }

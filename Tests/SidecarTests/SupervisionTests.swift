@@ -1,0 +1,201 @@
+import Foundation
+import Testing
+@testable import Sidecar
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The supervisor against real misbehaving Python processes: crashes, hangs, stuck batches, crash
+/// loops, recycling, deadlines.
+@Suite(.serialized) struct SupervisionTests {
+    /// Echoes items; "crash" kills the process, "hang" never returns, "sleep" takes 0.5 s.
+    static let faulty = """
+        import os, time
+        from pathlib import Path
+
+        if (Path(__file__).parent / "BROKEN").exists():
+            raise ImportError("BROKEN flag present")
+
+        def predict(batch):
+            if "crash" in batch:
+                os._exit(17)
+            if "hang" in batch:
+                time.sleep(10**6)
+            if "sleep" in batch:
+                time.sleep(0.5)
+            return batch
+        """
+
+    func load(_ host: ModelHost, yaml: String, name: String = "m") async throws -> (Model, URL) {
+        let dir = try Fixtures.model(["handler.py": Self.faulty, "sidecar.yaml": yaml], name: name)
+        return (try await host.load(dir.path), dir)
+    }
+
+    func strings(_ values: [String]) -> [JSONValue] { values.map { Fixtures.json("\"\($0)\"") } }
+
+    @Test func itemThatCrashesItsWorkerFailsAloneAndTheModelStaysUp() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            // A breaker of 2 would trip at once if crashes while running a batch counted.
+            let yaml = "workers: 2\nbatching: {max_batch_size: 16}\nrestart_policy: {max_failures: 2}\n"
+            let (model, _) = try await load(host, yaml: yaml)
+            var items = (0..<16).map { "item\($0)" }
+            items[11] = "crash"
+            let results = try await model.predict(batch: strings(items))
+            for (index, result) in results.enumerated() {
+                if index == 11 {
+                    guard case .failure(let error) = result else { Issue.record("the crashing item must fail"); continue }
+                    #expect(error.kind == .workerDied)
+                    #expect(error.message.contains("likely what kills the worker"))
+                } else {
+                    #expect(try result.get().json == "\"item\(index)\"")
+                }
+            }
+            #expect(await eventually { model.state == .ready }, "not FAILED: the crashes were the item's doing")
+            #expect(try await model.predict(Fixtures.json("1")).json == "1")
+        }
+    }
+
+    @Test func stoppedWorkerIsDeclaredHungAndItsBatchRunsElsewhere() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let yaml = "timeouts: {ping_interval_s: 0.2, ping_timeout_s: 1}\n"
+            let (model, _) = try await load(host, yaml: yaml)
+            let pid = try #require(model.workers[0].pid)
+            let pending = Task { try await model.predict(Fixtures.json("\"sleep\"")) }
+            #expect(await eventually { model.workers[0].state == .busy })
+            kill(pid, SIGSTOP)
+            let start = ContinuousClock.now
+            #expect(try await pending.value.json == "\"sleep\"")
+            #expect(ContinuousClock.now - start < .seconds(15))
+            #expect(model.workers[0].restarts == 1)
+            #expect(model.workers[0].lastError?.contains("hung: no answer to pings") == true)
+            #expect(kill(pid, 0) != 0 || Self.isZombie(pid), "the stopped process was killed")
+        }
+    }
+
+    @Test func batchPastBatchTimeoutIsKilledAndOnlyTheStuckItemFails() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let yaml = "max_retries: 1\ntimeouts: {batch_timeout_s: 1}\nbatching: {max_batch_size: 8}\n"
+            let (model, _) = try await load(host, yaml: yaml)
+            let results = try await model.predict(batch: strings(["a", "hang", "b"]))
+            #expect(try results[0].get().json == "\"a\"")
+            #expect(try results[2].get().json == "\"b\"")
+            guard case .failure(let error) = results[1] else { Issue.record("the stuck item must fail"); return }
+            #expect(error.message.contains("batch_timeout_s"))
+            #expect(await eventually { model.state == .ready })
+        }
+    }
+
+    @Test func crashLoopMarksTheModelFailedOthersServeAndReloadBringsItBack() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let yaml = "restart_policy: {max_failures: 2, window_s: 60}\n"
+            let (model, dir) = try await load(host, yaml: yaml)
+            let (other, _) = try await load(host, yaml: "", name: "other")
+            try "".write(to: dir.appendingPathComponent("BROKEN"), atomically: true, encoding: .utf8)
+            kill(try #require(model.workers[0].pid), SIGKILL)  // failure 1; the restart fails to import: 2
+            #expect(await eventually { if case .failed = model.state { return true } else { return false } })
+            guard case .failed(let error) = model.state else { return }
+            #expect(error.message.contains("FAILED"))
+            #expect(error.message.contains("BROKEN flag present"))
+            #expect(error.detail?.contains("ImportError") == true)
+            #expect(!model.isReady)
+            let start = ContinuousClock.now
+            let refused = await #expect(throws: SidecarError.self) { try await model.predict(Fixtures.json("1")) }
+            #expect(refused?.code == .unavailable)
+            #expect(ContinuousClock.now - start < .seconds(1), "refused at once")
+            #expect(try await other.predict(Fixtures.json("2")).json == "2", "the other model is untouched")
+
+            try FileManager.default.removeItem(at: dir.appendingPathComponent("BROKEN"))
+            let reloaded = try await host.reload(model.name)
+            #expect(reloaded.state == .ready)
+            #expect(try await reloaded.predict(Fixtures.json("3")).json == "3")
+        }
+    }
+
+    @Test func recyclingReplacesTheWorkerWithoutADipOrALostRequest() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let yaml = "recycle: {max_requests: 30, max_requests_jitter: 10}\ntimeouts: {ping_interval_s: 0.1}\n"
+            let (model, _) = try await load(host, yaml: yaml)
+            let firstPid = model.workers[0].pid
+            let sawNotReady = LockedBox(false)
+            let watcher = Task {
+                while !Task.isCancelled {
+                    if !model.isReady { sawNotReady.withLock { $0 = true } }
+                    try? await Task.sleep(for: .milliseconds(5))
+                }
+            }
+            for wave in 0..<40 {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for n in 0..<5 {
+                        group.addTask {
+                            let answer = try await model.predict(Fixtures.json("\(wave * 10 + n)"))
+                            #expect(answer.json == "\(wave * 10 + n)")
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            watcher.cancel()
+            let worker = model.workers[0]
+            #expect(worker.recycles >= 2, "200 items at 30-40 per worker: \(worker)")
+            #expect(worker.restarts == 0)
+            #expect(worker.pid != firstPid)
+            #expect(worker.itemsServed == 200)
+            #expect(!sawNotReady.withLock { $0 }, "the successor is ready before the old worker leaves")
+        }
+    }
+
+    @Test func retryFalseFailsTheItemsOfADeadWorkerInsteadOfRunningThemAgain() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let (model, _) = try await load(host, yaml: "retry: false\n")
+            let results = try await model.predict(batch: strings(["a", "crash"]))
+            for result in results {
+                guard case .failure(let error) = result else { Issue.record("expected a failure"); continue }
+                #expect(error.message.contains("retry: false"))
+            }
+            #expect(await eventually { model.isReady })
+            #expect(try await model.predict(Fixtures.json("\"a\"")).json == "\"a\"")
+        }
+    }
+
+    @Test func deadlineAnswersTheCallerWhileTheWorkerIsStillBusy() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let (model, _) = try await load(host, yaml: "")
+            let start = ContinuousClock.now
+            let error = await #expect(throws: SidecarError.self) {
+                try await model.predict(Fixtures.json("\"sleep\""), deadline: .now.advanced(by: .milliseconds(100)))
+            }
+            #expect(error?.code == .deadlineExceeded)
+            #expect(ContinuousClock.now - start < .milliseconds(400), "answered at the deadline, not when the batch ended")
+            #expect(try await model.predict(Fixtures.json("1")).json == "1")
+        }
+    }
+
+    @Test func workerOverItsMemoryLimitIsRecycled() async throws {
+        let handler = """
+            hoard = []
+
+            def predict(batch):
+                hoard.append(bytearray(8 << 20))  # leaks 8 MiB per batch
+                return batch
+            """
+        let dir = try Fixtures.model([
+            "handler.py": handler, "sidecar.yaml": "recycle: {max_rss_mb: 120}\ntimeouts: {ping_interval_s: 0.1}\n",
+        ])
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let model = try await host.load(dir.path)
+            for n in 0..<30 {
+                #expect(try await model.predict(Fixtures.json("\(n)")).json == "\(n)")
+                try await Task.sleep(for: .milliseconds(30))
+            }
+            #expect(await eventually { model.workers[0].recycles >= 1 }, "\(model.workers[0])")
+            #expect(model.workers[0].restarts == 0)
+        }
+    }
+
+    static func isZombie(_ pid: pid_t) -> Bool {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return false }
+        return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") == true
+    }
+}
