@@ -19,7 +19,7 @@ contract that did not hold, in words. An empty `problems` list is a pass.
   python scripts/chaos.py -v ...          # with the facts of passing scenarios too
 
 Environment: SIDECAR_BIN (default .build/debug/sidecar), SIDECAR_CACHE_DIR (default
-.build/test-cache). Needs PyYAML. Importable: Tests/e2e/test_faults.py calls the scenario functions.
+.build/test-cache), SIDECAR_LOG_LEVEL (default warning). Needs PyYAML. Importable: Tests/e2e/test_faults.py calls the scenario functions.
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ FAULTY_MODEL = REPO / "Tests" / "e2e" / "models" / "faulty"
 ECHO_MODEL = REPO / "Examples" / "echo"
 SIDECAR_BIN = os.environ.get("SIDECAR_BIN", str(REPO / ".build" / "debug" / "sidecar"))
 CACHE_DIR = os.environ.get("SIDECAR_CACHE_DIR", str(REPO / ".build" / "test-cache"))
+# warning keeps the logs to what went wrong; info or debug when a scenario needs explaining.
+LOG_LEVEL = os.environ.get("SIDECAR_LOG_LEVEL", "warning")
 
 # A request without any response after this long counts as lost. Far above every latency the
 # scenarios cause (a hung worker is detected in ping_timeout_s = 2 s), so only real losses land here.
@@ -158,7 +160,7 @@ class Sidecar:
         command = [
             SIDECAR_BIN, "serve", *map(str, self.models),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-            "--cache-dir", CACHE_DIR, "--log-level", "warning",
+            "--cache-dir", CACHE_DIR, "--log-level", LOG_LEVEL,
         ]
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
@@ -810,6 +812,12 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
                           f"inference on the FAILED model: {infer.status} in {infer.seconds:.2f} s {infer.message[:200]!r} "
                           f"(expected 503 naming FAILED, at once)")
             result.facts["faulty_requests"] = dict(faulty_tally.counts)
+            # Nothing here touches echo's workers; if one was replaced anyway, say why.
+            echo_status = server.model_status("echo") or {}
+            echo_restarts = [(w.get("index"), w.get("restarts"), w.get("last_error"))
+                             for w in echo_status.get("workers", []) if w.get("restarts")]
+            if echo_restarts:
+                result.facts["echo_restarts"] = echo_restarts
             result.expect(faulty_tally.counts["lost"] == 0,
                           f"{faulty_tally.counts['lost']} requests to faulty got no answer: {faulty_tally.samples['lost']}")
             result.expect(result.ok > 0 and result.failed == 0 and result.lost == 0 and result.rejected == 0,

@@ -40,6 +40,14 @@ enum FrontFixtures {
         ])
     }
 
+    /// Takes half a second per batch: for deadlines.
+    static func slowModel() throws -> URL {
+        try model([
+            "handler.py": "import time\n\ndef predict(batch):\n    time.sleep(0.5)\n    return batch\n",
+            "sidecar.yaml": "name: slow\n",
+        ])
+    }
+
     static func echoModel() throws -> URL {
         try model(["handler.py": "def predict(batch):\n    return batch\n", "sidecar.yaml": "name: echo\n"])
     }

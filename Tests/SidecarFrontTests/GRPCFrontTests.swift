@@ -10,7 +10,7 @@ import Testing
 @Suite(.serialized) struct GRPCFrontTests {
     func withServer(_ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Void) async throws {
         var configuration = ServerConfiguration()
-        configuration.models = [try FrontFixtures.typedModel().path, try FrontFixtures.echoModel().path]
+        configuration.models = [try FrontFixtures.typedModel().path, try FrontFixtures.echoModel().path, try FrontFixtures.slowModel().path]
         configuration.httpPort = 0
         configuration.grpcPort = 0
         configuration.maxGRPCMessageBytes = 1 << 20
@@ -83,6 +83,30 @@ import Testing
                 $0.inputs = [.with { $0.name = "s"; $0.datatype = "BYTES"; $0.shape = [2]; $0.contents.bytesContents = [Data("é".utf8), Data()] }]
             })
             #expect(bytes.rawOutputContents == [Tensor.bytesData([Data("é".utf8), Data()])])
+        }
+    }
+
+    @Test func deadlinesAnswerDeadlineExceeded() async throws {
+        try await withServer { client in
+            let inference = Inference_GRPCInferenceService.Client(wrapping: client)
+            var slow = Inference_ModelInferRequest.with {
+                $0.modelName = "slow"
+                $0.inputs = [.with { $0.name = "i"; $0.datatype = "INT32"; $0.shape = [1]; $0.contents.intContents = [1] }]
+            }
+            // The OIP `timeout` parameter (µs): the server answers DEADLINE_EXCEEDED itself.
+            slow.parameters["timeout"] = .with { $0.int64Param = 100_000 }
+            let error = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow) }
+            #expect(error?.code == .deadlineExceeded, "\(String(describing: error))")
+            // A gRPC deadline.
+            slow.parameters = [:]
+            var options = CallOptions.defaults
+            options.timeout = .milliseconds(100)
+            let late = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow, options: options) }
+            #expect(late?.code == .deadlineExceeded)
+            // Negative timeouts are refused.
+            slow.parameters["timeout"] = .with { $0.int64Param = -1 }
+            let bad = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow) }
+            #expect(bad?.code == .invalidArgument)
         }
     }
 

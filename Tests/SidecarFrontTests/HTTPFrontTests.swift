@@ -1,4 +1,5 @@
 import Foundation
+import HTTPTypes
 import Hummingbird
 import HummingbirdTesting
 import Sidecar
@@ -10,9 +11,11 @@ import Testing
     func withFront(maxBody: Int = 1 << 20, _ body: @Sendable (any TestClientProtocol) async throws -> Void) async throws {
         let typed = try FrontFixtures.typedModel()
         let echo = try FrontFixtures.echoModel()
+        let slow = try FrontFixtures.slowModel()
         try await withModelHost(options: FrontFixtures.hostOptions, logger: FrontFixtures.logger) { host in
             try await host.load(typed.path)
             try await host.load(echo.path)
+            try await host.load(slow.path)
             let front = HTTPFront(
                 host: host, readiness: ServerReadiness(host: host, loaded: true), metrics: FrontMetrics.shared(), maxBodyBytes: maxBody)
             try await Application(router: front.router()).test(.router) { client in try await body(client) }
@@ -120,6 +123,66 @@ import Testing
                 uri: "/v2/models/typed/infer", method: .post,
                 body: ByteBuffer(string: #"{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}"#)
             ) { #expect($0.status == .ok) }
+        }
+    }
+
+    @Test func deadlinesFromTheHeaderOrTheTimeoutParameterAnswer504() async throws {
+        try await withFront { client in
+            var headers = HTTPFields()
+            headers[HTTPField.Name("Sidecar-Timeout-Ms")!] = "100"
+            let start = ContinuousClock.now
+            try await client.execute(
+                uri: "/v1/models/slow:predict", method: .post, headers: headers, body: ByteBuffer(string: #"{"instances": [1]}"#)
+            ) { response in
+                #expect(response.status == .gatewayTimeout)
+                let error = try json(response)["error"] as? String
+                #expect(error?.contains("deadline passed (100 ms allowed") == true, "\(error ?? "")")
+            }
+            #expect(ContinuousClock.now - start < .milliseconds(450), "answered at the deadline, not after the batch")
+            let oip = #"{"parameters": {"timeout": 100000}, "inputs": [{"name": "i", "shape": [1], "datatype": "INT32", "data": [1]}]}"#
+            try await client.execute(uri: "/v2/models/slow/infer", method: .post, body: ByteBuffer(string: oip)) { response in
+                #expect(response.status == .gatewayTimeout)
+            }
+            headers[HTTPField.Name("Sidecar-Timeout-Ms")!] = "soon"
+            try await client.execute(
+                uri: "/v1/models/echo:predict", method: .post, headers: headers, body: ByteBuffer(string: #"{"instances": [1]}"#)
+            ) { response in
+                #expect(response.status == .badRequest)
+                let error = try json(response)["error"] as? String
+                #expect(error?.contains("Sidecar-Timeout-Ms") == true)
+            }
+            // A generous deadline changes nothing.
+            headers[HTTPField.Name("Sidecar-Timeout-Ms")!] = "5000"
+            try await client.execute(
+                uri: "/v1/models/echo:predict", method: .post, headers: headers, body: ByteBuffer(string: #"{"instances": [1]}"#)
+            ) { #expect($0.status == .ok) }
+        }
+    }
+
+    @Test func statusShowsEveryModelAndWorker() async throws {
+        try await withFront { client in
+            try await client.execute(uri: "/status", method: .get) { response in
+                #expect(response.status == .ok)
+                let models = try json(response)["models"] as? [[String: Any]] ?? []
+                #expect(models.compactMap { $0["name"] as? String } == ["echo", "slow", "typed"])
+                for model in models {
+                    #expect(model["state"] as? String == "ready")
+                    #expect(model["reason"] is NSNull)
+                    let workers = model["workers"] as? [[String: Any]] ?? []
+                    #expect(workers.count == 1)
+                    #expect((workers.first?["pid"] as? Int ?? 0) > 0)
+                    #expect(["ready", "busy"].contains(workers.first?["state"] as? String ?? ""))
+                    #expect((workers.first?["rss_bytes"] as? Int).map { $0 > 0 } ?? true)
+                }
+            }
+            try await client.execute(uri: "/v1/models/echo:predict", method: .post, body: ByteBuffer(string: #"{"instances": [1, 2]}"#)) { _ in }
+            try await client.execute(uri: "/status/echo", method: .get) { response in
+                let body = try json(response)
+                let worker = (body["workers"] as? [[String: Any]])?.first
+                #expect(worker?["items_served"] as? Int == 2)
+                #expect(worker?["restarts"] as? Int == 0)
+            }
+            try await client.execute(uri: "/status/nope", method: .get) { #expect($0.status == .notFound) }
         }
     }
 
