@@ -194,6 +194,43 @@ import Glibc
         }
     }
 
+    @Test func scalingUpAndDownUnderLoadLosesNothing() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let handler = "import time\n\ndef predict(batch):\n    time.sleep(0.02)\n    return batch\n"
+            let dir = try Fixtures.model(["handler.py": handler, "sidecar.yaml": "batching: {max_batch_size: 4}\n"])
+            let model = try await host.load(dir.path)
+            let stop = LockedBox(false)
+            let load = Task {
+                try await withThrowingTaskGroup(of: Int.self) { group in
+                    for client in 0..<8 {
+                        group.addTask {
+                            var answered = 0
+                            while !stop.withLock({ $0 }) {
+                                let n = client * 1_000_000 + answered
+                                let answer = try await model.predict(Fixtures.json("\(n)"))
+                                #expect(answer.json == "\(n)")
+                                answered += 1
+                            }
+                            return answered
+                        }
+                    }
+                    return try await group.reduce(0, +)
+                }
+            }
+            try await model.scale(to: 3, timeout: .seconds(60))
+            #expect(model.workers.count == 3 && model.workers.allSatisfy { $0.state.isServing })
+            try await Task.sleep(for: .milliseconds(300))
+            try await model.scale(to: 1, timeout: .seconds(60))
+            #expect(model.workers.count == 1)
+            try await Task.sleep(for: .milliseconds(200))
+            stop.withLock { $0 = true }
+            let answered = try await load.value  // any failed request would have thrown
+            #expect(answered > 50)
+            #expect(model.workers[0].restarts == 0)
+            await #expect(throws: SidecarError.self) { try await model.scale(to: 0, timeout: .seconds(1)) }
+        }
+    }
+
     static func isZombie(_ pid: pid_t) -> Bool {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return false }
         return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") == true

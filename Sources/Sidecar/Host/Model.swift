@@ -111,6 +111,13 @@ public final class Model: Sendable {
     /// True while at least one worker is ready to take batches.
     public var isReady: Bool { executor.failure == nil && workers.contains { $0.state.isServing } }
 
+    /// Changes the number of worker processes while the model serves. Returns once the new workers
+    /// are ready or the leaving ones have finished their batches and exited; no request is dropped
+    /// or failed. Throws after `timeout` (the change then completes in the background).
+    public func scale(to workers: Int, timeout: Duration = .seconds(120)) async throws {
+        try await executor.resize(to: workers, timeout: timeout)
+    }
+
     /// The model's state as operators see it.
     public enum State: Sendable, Equatable {
         /// No worker is serving yet (starting, or every worker is being replaced).

@@ -10,6 +10,8 @@ protocol Executor: Sendable {
     func stop()
     /// One status per worker.
     var workers: [WorkerStatus] { get }
+    /// Grows or shrinks to `workers` while serving; returns once the change is done.
+    func resize(to workers: Int, timeout: Duration) async throws
     /// Why the executor gave up serving (the crash-loop breaker tripped), or nil.
     var failure: SidecarError? { get }
 }

@@ -142,6 +142,55 @@ final class WorkerPool: Executor {
 
     private var isStopping: Bool { state.withLock { $0.stopping } }
 
+    /// The number of worker slots now.
+    var size: Int { state.withLock { $0.statuses.count } }
+
+    /// Grows or shrinks the pool to `target` workers while it serves. Returns once the new workers
+    /// are ready, or the leaving ones have drained (they take no new batch, finish those in flight
+    /// up to `shutdown_grace_s`, then exit: nothing queued or running is lost); throws after
+    /// `timeout`, or if the pool is stopping or failed.
+    func resize(to target: Int, timeout: Duration) async throws {
+        guard target >= 1 else { throw SidecarError(.invalidInput, "a model needs at least 1 worker, got \(target)") }
+        let (added, leaving): ([Int], [(Int, AsyncStream<SlotEvent>.Continuation)]) = try state.withLock { state in
+            if let failure = state.failure { throw failure }
+            guard !state.stopping else { throw SidecarError(.unavailable, "model '\(spec.model)' is stopping") }
+            let current = state.statuses.keys.sorted()
+            if target > current.count {
+                var added: [Int] = []
+                var next = 0
+                while current.count + added.count < target {
+                    if state.statuses[next] == nil, !added.contains(next) { added.append(next) }
+                    next += 1
+                }
+                for slot in added { state.statuses[slot] = LockedBox(WorkerStatus(index: slot)) }
+                return (added, [])
+            }
+            // The highest slots leave, so worker indexes stay 0..<n.
+            let leaving = current.suffix(current.count - target).compactMap { slot in state.slots[slot].map { (slot, $0) } }
+            return ([], leaving)
+        }
+        for slot in added { newSlotSink.yield(slot) }
+        for (_, sink) in leaving { sink.yield(.retire) }
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        let leavingSlots = Set(leaving.map(\.0))
+        while true {
+            let (done, failure): (Bool, SidecarError?) = state.withLock { state in
+                if let failure = state.failure { return (true, failure) }
+                let ready = added.allSatisfy { slot in state.live[slot]?.withLock { $0.state.isServing } ?? false }
+                let gone = leavingSlots.allSatisfy { state.statuses[$0] == nil }
+                return (ready && gone, nil)
+            }
+            if let failure { throw failure }
+            if done { return }
+            guard ContinuousClock.now < deadline else {
+                throw SidecarError(
+                    .unavailable,
+                    "model '\(spec.model)': scaling to \(target) workers did not finish within \(timeout); it goes on in the background (see GET /status)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
     private func addSlot(_ slot: Int) {
         state.withLock { state in
             state.statuses[slot] = LockedBox(WorkerStatus(index: slot))
