@@ -19,7 +19,8 @@ contract that did not hold, in words. An empty `problems` list is a pass.
   python scripts/chaos.py -v ...          # with the facts of passing scenarios too
 
 Environment: SIDECAR_BIN (default .build/debug/sidecar), SIDECAR_CACHE_DIR (default
-.build/test-cache), SIDECAR_LOG_LEVEL (default warning). Needs PyYAML. Importable: Tests/e2e/test_faults.py calls the scenario functions.
+.build/test-cache), SIDECAR_LOG_LEVEL (default warning). Needs PyYAML (scripts/chaos.sh installs it).
+Importable: Tests/e2e/test_faults.py calls the scenario functions and asserts on their results.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -271,6 +271,31 @@ def alive(pid: int) -> bool:
         pass
     stat = _proc_stat(pid)
     return stat is not None and stat[0] not in ("Z", "X")
+
+
+def worker_of(pid: int, model_dir: Path) -> bool:
+    """`pid` is a live worker serving `model_dir` (a scenario's private copy, so no other process's).
+
+    pids come from /status or an earlier look, and pid numbers are recycled quickly (pid_max is
+    often 32768): a bare pid could by now be an unrelated process, e.g. another test's worker."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    if "sidecar_worker" not in args or "--model-dir" not in args:
+        return False
+    return args[args.index("--model-dir") + 1] == str(model_dir) and alive(pid)
+
+
+def signal_worker(pid: int, sig: int, model_dir: Path) -> bool:
+    """Sends `sig` to `pid` if it is one of the scenario's workers (see worker_of)."""
+    if not worker_of(pid, model_dir):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def worker_processes(parent: int, model: str) -> list[tuple[int, int]]:
@@ -523,6 +548,39 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         time.sleep(interval)
 
 
+class Poll:
+    """Calls `probe` every `interval` s on a thread until stopped and counts what it returned: what
+    a load balancer's readiness probe would have seen during the fault, not just after it."""
+
+    def __init__(self, probe: Callable[[], object], interval: float = 0.05):
+        self.probe, self.interval = probe, interval
+        self.seen: Counter = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="poll")
+
+    def __enter__(self) -> "Poll":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.seen[self.probe()] += 1
+            self._stop.wait(self.interval)
+
+
+def readiness_probe(server: "Sidecar", model: str) -> Callable[[], str]:
+    """'200/ready', '503/loading', ...: the model's readiness code and its /status state."""
+    def probe() -> str:
+        code = server.get(f"/v2/models/{model}/ready", timeout=2)[0]
+        status = server.model_status(model)
+        return f"{code}/{status.get('state') if status else '?'}"
+    return probe
+
+
 # --------------------------------------------------------------------------------------- scenarios
 
 
@@ -540,7 +598,8 @@ def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float 
             server.start()
             rng = random.Random(9)
             kills, skipped, sources = 0, 0, Counter()
-            with Load(server.http_port, clients, echo_items("faulty")) as load:
+            poll = Poll(readiness_probe(server, "faulty"), interval=0.1)
+            with poll, Load(server.http_port, clients, echo_items("faulty")) as load:
                 end = time.monotonic() + duration
                 while time.monotonic() < end:
                     time.sleep(kill_every)
@@ -550,17 +609,16 @@ def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float 
                     # which is the breaker's business (import_failure).
                     targets = [w["pid"] for w in workers
                                if w.get("pid") and w.get("state") in ("ready", "busy", "unknown") and alive(w["pid"])]
-                    if not targets:
-                        skipped += 1
-                        continue
-                    try:
-                        os.kill(rng.choice(targets), signal.SIGKILL)
+                    if targets and signal_worker(rng.choice(targets), signal.SIGKILL, model):
                         kills += 1
-                    except ProcessLookupError:
+                    else:
                         skipped += 1
                 tally = load.stop()
             result.take_counts(tally)
-            result.facts.update(kills=kills, ticks_without_target=skipped, pid_source=dict(sources))
+            # Reported, not judged: with both workers down at once there is a moment with no
+            # ready worker, and what readiness says then is the poison scenario's question.
+            result.facts.update(kills=kills, ticks_without_target=skipped, pid_source=dict(sources),
+                                readiness_seen=dict(poll.seen))
             latencies = [o.seconds for o in tally.outcomes if o.kind == "ok"]
             result.facts["ok_p99_ms"] = round(1000 * (percentile(latencies, 0.99) or 0), 1)
             result.notes.append(f"{kills} kills")
@@ -599,7 +657,8 @@ def scenario_sigstop(clients: int = 8, before: float = 2.0, after: float = 3.0) 
                 target = next(w for w in workers if w.get("pid") and alive(w["pid"]))
                 stopped_pid, index, restarts = target["pid"], target["index"], target.get("restarts")
                 ok_at_stop = load.tally.count("ok")
-                os.kill(stopped_pid, signal.SIGSTOP)
+                if not signal_worker(stopped_pid, signal.SIGSTOP, model):
+                    raise RuntimeError(f"worker {stopped_pid} vanished before it could be stopped")
                 stopped_at = time.monotonic()
 
                 def replaced():
@@ -638,8 +697,8 @@ def scenario_sigstop(clients: int = 8, before: float = 2.0, after: float = 3.0) 
         except Exception as error:  # noqa: BLE001
             result.problems.append(f"error: {error!r}"[:2000])
         finally:
-            if stopped_pid and alive(stopped_pid):  # never leave a stopped process behind
-                os.kill(stopped_pid, signal.SIGKILL)
+            if stopped_pid:  # never leave a stopped process behind
+                signal_worker(stopped_pid, signal.SIGKILL, model)
             server.stop()
             result.log_tail = server.log_tail()
     return result
@@ -662,43 +721,12 @@ def scenario_poison(good: int = 62, rounds: int = 2) -> Result:
             tally = Tally()
             before, _ = server.workers("faulty")
             restarts_before = sum(w.get("restarts") or 0 for w in before)
-            for round_ in range(rounds):
-                calls = [("good", v1_call("faulty", f"good-{round_}-{n}")) for n in range(good)]
-                calls.insert(random.Random(round_).randrange(len(calls)), ("raise", v1_call("faulty", {"raise": f"poison-{round_}"})))
-                calls.insert(random.Random(round_ + 100).randrange(len(calls)), ("crash", v1_call("faulty", {"crash": True})))
-                outcomes: dict[int, Outcome] = {}
-                barrier = threading.Barrier(len(calls))
-
-                def one(n: int, call: Call) -> None:
-                    barrier.wait()
-                    outcomes[n], connection = send(server.http_port, call)
-                    if connection is not None:
-                        connection.close()
-
-                threads = [threading.Thread(target=one, args=(n, c)) for n, (_, c) in enumerate(calls)]
-                started = time.monotonic()
-                for thread in threads:
-                    thread.start()
-                for thread in threads:
-                    thread.join()
-                result.facts[f"round{round_}_s"] = round(time.monotonic() - started, 2)
-                for n, (kind, _) in enumerate(calls):
-                    outcome = outcomes[n]
-                    if kind == "good":
-                        tally.add(outcome)
-                        continue
-                    # The poison items are expected to fail; they are checked, not counted as failures.
-                    result.facts[f"{kind}{round_}"] = f"{outcome.status} {outcome.message[:160]}"
-                    if kind == "raise":
-                        result.expect(outcome.status == 500 and "ValueError" in outcome.message
-                                      and f"poison-{round_}" in outcome.message,
-                                      f"raise item: expected 500 naming ValueError poison-{round_}, got {outcome.kind} "
-                                      f"{outcome.status} {outcome.message[:200]}")
-                    else:
-                        result.expect(outcome.status == 500 and "WorkerDied" in outcome.message,
-                                      f"crash item: expected 500 naming WorkerDied, got {outcome.kind} "
-                                      f"{outcome.status} {outcome.message[:200]}")
+            with Poll(readiness_probe(server, "faulty")) as poll:
+                for round_ in range(rounds):
+                    poison_round(server, result, tally, round_, good)
+                time.sleep(0.5)
             result.take_counts(tally)
+            result.facts["readiness_seen"] = dict(poll.seen)
             after, source = server.workers("faulty")
             if source == "status":
                 restarts = sum(w.get("restarts") or 0 for w in after) - restarts_before
@@ -707,23 +735,69 @@ def scenario_poison(good: int = 62, rounds: int = 2) -> Result:
                               f"{restarts} worker restarts; each crash item should crash max_retries+1 = "
                               f"{max_retries + 1} times")
             result.facts["mean_batch_size"] = mean_batch_size(server, "faulty")
-            result.notes.append(f"good {good}x{rounds} + raise + crash per round")
+            result.notes.append(f"counts are the good items: {good} per round, {rounds} rounds, with a raise and a crash item")
             result.expect(result.failed == 0, f"{result.failed} good items failed")
             result.expect(result.lost == 0, f"{result.lost} good items lost")
-            ready = server.get("/v2/models/faulty/ready")[0]
-            result.expect(ready == 200, f"/v2/models/faulty/ready -> {ready} after the poison (expected 200)")
+            # Crashes caused by a batch are not a crash loop: the model never goes FAILED, and, by
+            # the contract (503 only when FAILED), its readiness never drops while workers restart.
+            result.expect(not any("failed" in seen for seen in poll.seen),
+                          f"the model went FAILED during the poison: {dict(poll.seen)}")
+            unready = sum(n for seen, n in poll.seen.items() if not seen.startswith("200"))
+            result.expect(unready == 0, f"readiness was not 200 in {unready} of {sum(poll.seen.values())} polls "
+                          f"during the poison (code/state seen: {dict(poll.seen)})")
+            ready = wait_until(lambda: server.get("/v2/models/faulty/ready")[0] == 200, 5)
             status = server.model_status("faulty")
             if status is None:
                 result.problems.append("GET /status/faulty is not answered with a ModelStatus (200)")
             else:
-                result.expect(status.get("state") == "ready", f"/status/faulty state {status.get('state')!r}, reason "
-                              f"{status.get('reason')!r} (expected ready: crashes caused by a batch are not a crash loop)")
+                result.expect(bool(ready) and status.get("state") == "ready",
+                              f"not ready 5 s after the poison: /status/faulty state {status.get('state')!r}, "
+                              f"reason {status.get('reason')!r}")
         except Exception as error:  # noqa: BLE001
             result.problems.append(f"error: {error!r}"[:2000])
         finally:
             server.stop()
             result.log_tail = server.log_tail()
     return result
+
+
+def poison_round(server: Sidecar, result: Result, tally: Tally, round_: int, good: int) -> None:
+    """`good` single-item requests plus one raise and one crash item, released together (a barrier)
+    so they meet in the queue. Good outcomes go to `tally`; the poison items are expected to fail,
+    so they are checked here instead of counted."""
+    calls = [("good", v1_call("faulty", f"good-{round_}-{n}")) for n in range(good)]
+    calls.insert(random.Random(round_).randrange(len(calls)), ("raise", v1_call("faulty", {"raise": f"poison-{round_}"})))
+    calls.insert(random.Random(round_ + 100).randrange(len(calls)), ("crash", v1_call("faulty", {"crash": True})))
+    outcomes: dict[int, Outcome] = {}
+    barrier = threading.Barrier(len(calls))
+
+    def one(n: int, call: Call) -> None:
+        barrier.wait()
+        outcomes[n], connection = send(server.http_port, call)
+        if connection is not None:
+            connection.close()
+
+    threads = [threading.Thread(target=one, args=(n, c)) for n, (_, c) in enumerate(calls)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.facts[f"round{round_}_s"] = round(time.monotonic() - started, 2)
+    for n, (kind, _) in enumerate(calls):
+        outcome = outcomes[n]
+        if kind == "good":
+            tally.add(outcome)
+            continue
+        result.facts[f"{kind}{round_}"] = f"{outcome.status} {outcome.message[:400]}"
+        if kind == "raise":
+            result.expect(outcome.status == 500 and "ValueError" in outcome.message and f"poison-{round_}" in outcome.message,
+                          f"raise item: expected 500 naming ValueError poison-{round_}, got {outcome.kind} "
+                          f"{outcome.status} {outcome.message[:400]}")
+        else:
+            result.expect(outcome.status == 500 and "WorkerDied" in outcome.message,
+                          f"crash item: expected 500 naming WorkerDied, got {outcome.kind} "
+                          f"{outcome.status} {outcome.message[:400]}")
 
 
 def mean_batch_size(server: Sidecar, model: str) -> float | None:
@@ -777,12 +851,8 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
                     for worker in workers:
                         pid = worker.get("pid")
                         up = worker.get("state") in ("ready", "busy") if source == "status" else pid in loaded
-                        if pid and up and alive(pid):
-                            try:
-                                os.kill(pid, signal.SIGKILL)
-                                kills += 1
-                            except ProcessLookupError:
-                                pass
+                        if pid and up and signal_worker(pid, signal.SIGKILL, faulty):
+                            kills += 1
                     return None
 
                 status = wait_until(failed_yet, fail_within, interval=0.3)
@@ -812,6 +882,7 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
                           f"inference on the FAILED model: {infer.status} in {infer.seconds:.2f} s {infer.message[:200]!r} "
                           f"(expected 503 naming FAILED, at once)")
             result.facts["faulty_requests"] = dict(faulty_tally.counts)
+            result.notes.append("counts are echo's; faulty's: " + ", ".join(f"{n} {k}" for k, n in sorted(faulty_tally.counts.items())))
             # Nothing here touches echo's workers; if one was replaced anyway, say why.
             echo_status = server.model_status("echo") or {}
             echo_restarts = [(w.get("index"), w.get("restarts"), w.get("last_error"))
@@ -846,15 +917,19 @@ def scenario_supervisor_sigkill(within: float = 2.0) -> Result:
             time.sleep(0.5)
             workers, source = server.workers("faulty")
             pids = {w["pid"] for w in workers if w.get("pid")} | {pid for pid, _ in worker_processes(server.pid, "faulty")}
-            result.facts.update(worker_pids=sorted(pids), pid_source=source)
+            result.facts.update(worker_pids=sorted(pids), pid_source=source,
+                                worker_states=[w.get("state") for w in workers])
             result.expect(len(pids) >= 2, f"expected 2 workers before the kill, found {sorted(pids)}")
+            if source == "status":  # (a precondition of the test, not a server expectation)
+                result.expect(any(w.get("state") == "busy" for w in workers),
+                              f"no worker was busy with the 30 s item before the kill: {workers}")
             server.process.kill()
             server.process.wait()
             killed_at = time.monotonic()
             # Wait past the limit so the report says how long it really took.
-            gone = wait_until(lambda: not any(alive(p) for p in pids), within + 8)
+            gone = wait_until(lambda: not any(worker_of(p, model) for p in pids), within + 8)
             took = time.monotonic() - killed_at
-            survivors = sorted(p for p in pids if alive(p))
+            survivors = sorted(p for p in pids if worker_of(p, model))
             result.facts["seconds_to_exit"] = round(took, 2) if gone else None
             result.notes.append(f"workers gone in {took:.1f} s" if gone else f"workers alive after {took:.0f} s: {survivors}")
             result.expect(bool(gone) and took <= within,
@@ -864,9 +939,12 @@ def scenario_supervisor_sigkill(within: float = 2.0) -> Result:
             result.problems.append(f"error: {error!r}"[:2000])
         finally:
             for pid in pids:  # never leave orphans behind, whatever happened
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+                signal_worker(pid, signal.SIGKILL, model)
             server.stop()
+            # A SIGKILLed server cannot remove its socket directory (/tmp/sidecar-PID-*); do it here.
+            if server.process is not None:
+                for leftover in Path(tempfile.gettempdir()).glob(f"sidecar-{server.pid}-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
             result.log_tail = server.log_tail()
     return result
 
