@@ -108,8 +108,9 @@ public final class Model: Sendable {
     /// One status per worker slot.
     public var workers: [WorkerStatus] { executor.workers }
 
-    /// True while at least one worker is ready to take batches.
-    public var isReady: Bool { executor.failure == nil && workers.contains { $0.state.isServing } }
+    /// True once the model has started, until it stops or goes FAILED. A crashed worker being
+    /// replaced does not make the model unready: its requests wait and are answered.
+    public var isReady: Bool { executor.isAvailable }
 
     /// Changes the number of worker processes while the model serves. Returns once the new workers
     /// are ready or the leaving ones have finished their batches and exited; no request is dropped
@@ -120,9 +121,9 @@ public final class Model: Sendable {
 
     /// The model's state as operators see it.
     public enum State: Sendable, Equatable {
-        /// No worker is serving yet (starting, or every worker is being replaced).
+        /// Its workers are starting.
         case loading
-        /// At least one worker is serving.
+        /// Serving (workers may be restarting: see ``workers``).
         case ready
         /// The crash-loop breaker tripped: requests are refused until the model is reloaded.
         case failed(SidecarError)

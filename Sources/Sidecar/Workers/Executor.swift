@@ -12,6 +12,8 @@ protocol Executor: Sendable {
     var workers: [WorkerStatus] { get }
     /// Grows or shrinks to `workers` while serving; returns once the change is done.
     func resize(to workers: Int, timeout: Duration) async throws
+    /// Started and neither failed nor stopping: requests will be answered.
+    var isAvailable: Bool { get }
     /// Why the executor gave up serving (the crash-loop breaker tripped), or nil.
     var failure: SidecarError? { get }
 }

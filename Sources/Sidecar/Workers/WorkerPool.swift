@@ -102,6 +102,16 @@ final class WorkerPool: Executor {
     /// Set once the crash-loop breaker tripped: why the model is FAILED.
     var failure: SidecarError? { state.withLock { $0.failure } }
 
+    /// Serving: started, not FAILED, not stopping. Workers being replaced do not make a model
+    /// unavailable: its requests wait in the queue and are answered once a worker is back, so
+    /// readiness does not flap (and a load balancer does not drop the instance) on every crash.
+    var isAvailable: Bool {
+        state.withLock { state in
+            guard case .success = state.readiness else { return false }
+            return state.failure == nil && !state.stopping
+        }
+    }
+
     func run() async {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.batcher.watchDeadlines() }
@@ -314,14 +324,17 @@ final class WorkerPool: Executor {
                 case .exited(let generation, let exit):
                     guard let worker = workers.removeValue(forKey: generation) else { break }
                     // Nothing is lost: what the worker was running goes back to the batcher.
+                    // Only the batch it was running is a suspect: a worker runs its batches in order, so the
+                    // ones queued behind it never started and go back as they were, charged nothing.
                     let unanswered = worker.window.close()
-                    for job in unanswered {
-                        batcher.workerDied(job, reason: "worker \(slot) \(exit.reason) while running the item")
+                    if let running = unanswered.first {
+                        batcher.workerDied(running, reason: "worker \(slot) \(exit.reason) while running the item")
                     }
+                    for job in unanswered.dropFirst() { batcher.giveBack(job) }
                     if generation == incoming {
                         incoming = nil
                         logger.warning("the successor of worker \(slot) failed to start (\(exit.reason)); the current one keeps serving")
-                        recordFailure(slot: slot, exit: exit)
+                        if !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
                         break
                     }
                     guard generation == current else { break }  // a retired worker finished draining
@@ -351,8 +364,9 @@ final class WorkerPool: Executor {
                         break
                     }
                     // A death while running a batch is blamed on the batch (poison isolation splits
-                    // it); anything else counts toward the crash-loop breaker.
-                    if unanswered.isEmpty { recordFailure(slot: slot, exit: exit) }
+                    // it), and a SIGKILL from outside (an operator, the OOM killer, chaos testing) is
+                    // not the model's doing; anything else counts toward the crash-loop breaker.
+                    if unanswered.isEmpty, !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
                     if let successor = incoming {
                         current = successor
                         incoming = nil

@@ -40,6 +40,8 @@ struct WorkerExit: Sendable {
     var stderrTail: [String]
     /// It was asked to leave (retired, or the model stopped): not a failure.
     var retired: Bool
+    /// Killed by a SIGKILL that the supervisor did not send: an operator, the OOM killer.
+    var killedFromOutside = false
 }
 
 /// One life of one Python worker process: spawn it in its own process group, connect its session,
@@ -68,7 +70,11 @@ final class WorkerProcess: Sendable {
         /// Draining: the model stopped or the worker was retired.
         var stopping = false
         var retired = false
-        var itemsServed = 0
+        /// The supervisor killed it (hung, stuck, past the grace): not an outside kill.
+        var killedBySupervisor = false
+        /// The process is gone: its pid (and group id) may already belong to another process, so
+        /// nothing may be sent to it any more.
+        var exited = false
     }
 
     private let session = Mutex(Session())
@@ -105,12 +111,23 @@ final class WorkerProcess: Sendable {
     /// `shutdown_grace_s`), then gets Shutdown, SIGTERM, SIGKILL. A worker still loading has
     /// nothing to finish and is killed at once.
     func retire() {
-        let (ready, pid) = session.withLock { session -> (Bool, pid_t) in
+        let (ready, pid, exited) = session.withLock { session -> (Bool, pid_t, Bool) in
             session.retired = true
-            return (session.ready, session.pid)
+            return (session.ready, session.pid, session.exited)
         }
         retirementSink.finish()
-        if !ready, pid > 0 { Self.killGroup(pid, logger: logger) }
+        if !ready, !exited { kill(group: pid, SIGKILL) }
+    }
+
+    /// Signals the worker's process group, unless the process is known to be gone. `deliberate`:
+    /// the supervisor decided to end the worker (as opposed to sweeping up after it ended).
+    private func kill(group pid: pid_t, _ signal: Int32, deliberate: Bool = true) {
+        let exited = session.withLock { session -> Bool in
+            if deliberate { session.killedBySupervisor = true }
+            return session.exited
+        }
+        guard pid > 0, !exited else { return }
+        _ = Glibc.kill(-pid, signal)
     }
 
     /// Runs the process to its end. Batches it had in flight are left in `window` for the caller to
@@ -126,6 +143,7 @@ final class WorkerProcess: Sendable {
             "--config-json", spec.handlerConfig.json, "--max-message-bytes", "\(spec.maxMessageBytes)",
         ]
         let termination: String
+        var killedBySignal9 = false
         do {
             let result = try await Subprocess.run(
                 .path(FilePath(spec.python.path)),
@@ -148,9 +166,11 @@ final class WorkerProcess: Sendable {
                 try? await execution.standardInputWriter.finish()
             }
             termination = Self.describe(result.terminationStatus)
+            if case .signaled(SIGKILL) = result.terminationStatus { killedBySignal9 = true }
         } catch {
             termination = "could not be started: \(error)"
         }
+        session.withLock { $0.exited = true }
         try? FileManager.default.removeItem(atPath: socketPath)
         let end = session.withLock { $0 }
         let reason = end.endReason.map { "\($0); the process \(termination)" } ?? "the process \(termination)"
@@ -162,7 +182,7 @@ final class WorkerProcess: Sendable {
         }
         return WorkerExit(
             becameReady: end.ready, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines,
-            retired: end.retired || end.stopping)
+            retired: end.retired || end.stopping, killedFromOutside: killedBySignal9 && !end.killedBySupervisor)
     }
 
     private enum Finished { case processGone, sessionEnded, killed }
@@ -207,7 +227,7 @@ final class WorkerProcess: Sendable {
                         try? await Task.sleep(for: .seconds(5))
                         if !Task.isCancelled {
                             logger.warning("worker did not exit after Shutdown; sending SIGTERM", metadata: ["pid": "\(pid)"])
-                            _ = kill(-pid, SIGTERM)
+                            self.kill(group: pid, SIGTERM)
                         }
                         try? await Task.sleep(for: .seconds(2))
                     } else {
@@ -216,18 +236,13 @@ final class WorkerProcess: Sendable {
                     return .killed
                 }
                 if await group.next() == .killed {
-                    Self.killGroup(pid, logger: logger)
+                    self.kill(group: pid, SIGKILL)
                 }
             }
             // Whatever is left of the group (children the handler spawned) goes too.
-            Self.killGroup(pid, logger: logger)
+            self.kill(group: pid, SIGKILL, deliberate: false)
             group.cancelAll()
         }
-    }
-
-    static func killGroup(_ pid: pid_t, logger: Logger) {
-        guard pid > 0 else { return }
-        _ = kill(-pid, SIGKILL)
     }
 
     private static func describe(_ status: TerminationStatus) -> String {
@@ -363,9 +378,9 @@ final class WorkerProcess: Sendable {
             // The worker would wait for its batch forever.
             let pid = session.withLock { $0.pid }
             logger.warning("\(window.count) batch(es) still running after shutdown_grace_s (\(spec.timeouts.shutdownGrace)); sending SIGTERM, SIGKILL in 2 s", metadata: ["pid": "\(pid)"])
-            _ = kill(-pid, SIGTERM)
+            kill(group: pid, SIGTERM)
             try? await Task.sleep(for: .seconds(2))
-            Self.killGroup(pid, logger: logger)
+            kill(group: pid, SIGKILL)
         }
     }
 
@@ -401,7 +416,7 @@ final class WorkerProcess: Sendable {
             let now = ContinuousClock.now
             if !ready, now > startupDeadline {
                 setEndReason("did not become ready within \(spec.timeouts.startup) (timeouts.startup_s)")
-                Self.killGroup(pid, logger: logger)
+                kill(group: pid, SIGKILL)
                 return
             }
             if ready, now - lastPong > spec.timeouts.pingTimeout {
@@ -435,7 +450,7 @@ final class WorkerProcess: Sendable {
         logger.error("worker \(reason); killing it", metadata: ["pid": "\(pid)"])
         status.withLock { $0.state = .hung }
         setEndReason(reason)
-        Self.killGroup(pid, logger: logger)
+        kill(group: pid, SIGKILL)
     }
 
     /// The process's resident memory from /proc (nil where there is none).
