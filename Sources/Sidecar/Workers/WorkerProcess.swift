@@ -335,8 +335,9 @@ final class WorkerProcess: Sendable {
                         if $0.inFlight == 0, $0.state == .busy { $0.state = .ready }
                     }
                     computeTime.recordNanoseconds(Int64(result.computeSeconds * 1e9))
-                    if job.count > 1, BatchResultDecoder.handlerRaised(result) {
-                        // One item's exception must not fail the others (from other callers too).
+                    if job.count > 1, batcher.retry, BatchResultDecoder.handlerRaised(result) {
+                        // One item's exception must not fail the others (from other callers too). Not
+                        // with `retry: false`: bisection runs items again.
                         logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
                         batcher.bisect(job)
                     } else {
