@@ -20,7 +20,7 @@ venv="$root/.build/e2e-venv"
 "$venv/bin/python" -c "import tritonclient.grpc, numpy" 2>/dev/null || "$venv/bin/pip" install -q "tritonclient[grpc]" numpy
 
 work=$(mktemp -d)
-.build/release/sidecar serve Examples/echo --workers 2 --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --log-level warning >"$work/server.log" 2>&1 &
+.build/release/sidecar serve Examples/echo --workers 2 --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning >"$work/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done

@@ -142,12 +142,16 @@ def _merge(base: dict, overrides: dict) -> dict:
 class Sidecar:
     """One `sidecar serve` process for one scenario (a context manager: stops it, keeps the log)."""
 
-    def __init__(self, models: list[Path], workdir: Path):
+    def __init__(self, models: list[Path], workdir: Path, extra_args: list[str] | None = None):
         self.models = models
+        self.extra_args = extra_args or []
         self.http_port = free_port()
         self.grpc_port = free_port()
         while self.grpc_port == self.http_port:
             self.grpc_port = free_port()
+        self.admin_port = free_port()
+        while self.admin_port in (self.http_port, self.grpc_port):
+            self.admin_port = free_port()
         self.log_path = workdir / "sidecar.log"
         self.process: subprocess.Popen | None = None
         self._log_file = None
@@ -160,7 +164,8 @@ class Sidecar:
         command = [
             SIDECAR_BIN, "serve", *map(str, self.models),
             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-            "--cache-dir", CACHE_DIR, "--log-level", LOG_LEVEL,
+            "--admin-port", str(self.admin_port),
+            "--cache-dir", CACHE_DIR, "--log-level", LOG_LEVEL, *self.extra_args,
         ]
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT, cwd=str(REPO))

@@ -41,7 +41,29 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Server configuration file (YAML; see Config/sidecar.yaml). Command-line options override it.")
     var config: String?
 
+    @Option(name: .long, help: "Address of the admin API (default 127.0.0.1; anywhere else needs an admin token).")
+    var adminHost: String?
+
+    @Option(name: .long, help: "Port of the admin API (default 8002).")
+    var adminPort: Int?
+
+    @Flag(name: .long, help: "Turn the admin API off.")
+    var noAdmin = false
+
+    @Option(name: .long, help: "File holding the admin API's bearer token (else $SIDECAR_ADMIN_TOKEN).")
+    var adminTokenFile: String?
+
     @OptionGroup var hostArguments: HostArguments
+
+    /// A token file's first line; an unreadable or empty file is an error, never "no token".
+    static func readToken(_ path: String) throws -> String {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw ValidationError("cannot read the admin token file \(path)")
+        }
+        let token = text.split(whereSeparator: \.isNewline).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+        guard !token.isEmpty else { throw ValidationError("the admin token file \(path) is empty") }
+        return token
+    }
 
     func run() async throws {
         let logger = try hostArguments.logger()
@@ -57,8 +79,15 @@ struct ServeCommand: AsyncParsableCommand {
         if let maxBodyBytes { configuration.maxBodyBytes = maxBodyBytes }
         if let maxGrpcMessageBytes { configuration.maxGRPCMessageBytes = maxGrpcMessageBytes }
         if hostArguments.cacheDir != nil || !hostArguments.pipArgs.isEmpty { configuration.hostOptions = hostArguments.hostOptions() }
-        guard !configuration.models.isEmpty else {
-            throw ValidationError("give at least one model directory (or models: in --config)")
+        if let adminHost { configuration.adminHost = adminHost }
+        if let adminPort { configuration.adminPort = adminPort }
+        if noAdmin { configuration.adminPort = nil }
+        if let adminTokenFile { configuration.adminToken = try Self.readToken(adminTokenFile) }
+        if configuration.adminToken == nil, let token = ProcessInfo.processInfo.environment["SIDECAR_ADMIN_TOKEN"], !token.isEmpty {
+            configuration.adminToken = token
+        }
+        guard !configuration.models.isEmpty || configuration.adminPort != nil else {
+            throw ValidationError("give at least one model directory (or models: in --config), or keep the admin API on to load models later")
         }
         // A bad directory fails in one line, with exit code 2, before anything starts.
         for directory in configuration.models {
@@ -66,8 +95,10 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let (count, address) = (configuration.models.count, configuration.host)
         do {
-            try await runServer(configuration, logger: logger) { http, grpc in
-                logger.notice("serving \(count) model(s): HTTP on \(address):\(http), gRPC on \(address):\(grpc)")
+            let adminHost = configuration.adminHost
+            try await runServer(configuration, logger: logger) { ports in
+                let admin = ports.admin.map { ", admin API on \(adminHost):\($0)" } ?? ""
+                logger.notice("serving \(count) model(s): HTTP on \(address):\(ports.http), gRPC on \(address):\(ports.grpc)\(admin)")
             }
         } catch {
             throw reportFailure(error)

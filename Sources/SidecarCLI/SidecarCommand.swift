@@ -8,7 +8,10 @@ struct SidecarCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sidecar",
         abstract: "Serve Python models from a directory: handler.py, requirements.txt, sidecar.yaml.",
-        subcommands: [PredictCommand.self, ServeCommand.self])
+        subcommands: [
+            PredictCommand.self, ServeCommand.self, StatusCommand.self, ScaleCommand.self, LoadCommand.self, UnloadCommand.self,
+            InitCommand.self,
+        ])
 }
 
 /// Options every command that starts models shares.

@@ -112,6 +112,10 @@ import Testing
         #expect(parsed.grpcPort == defaults.grpcPort)
         #expect(parsed.maxBodyBytes == defaults.maxBodyBytes)
         #expect(parsed.maxGRPCMessageBytes == defaults.maxGRPCMessageBytes)
+        #expect(parsed.adminHost == defaults.adminHost)
+        #expect(parsed.adminPort == defaults.adminPort)
+        #expect(parsed.adminToken == nil)
+        #expect(parsed.bundleMaxBytes == defaults.bundleMaxBytes)
     }
 
     @Test func unknownKeyAndRelativeModels() throws {

@@ -13,11 +13,12 @@ import Testing
         configuration.models = [try FrontFixtures.typedModel().path, try FrontFixtures.echoModel().path, try FrontFixtures.slowModel().path]
         configuration.httpPort = 0
         configuration.grpcPort = 0
+        configuration.adminPort = nil
         configuration.maxGRPCMessageBytes = 1 << 20
         configuration.hostOptions = FrontFixtures.hostOptions
         let (ports, sink) = AsyncStream.makeStream(of: Int.self)
         let server = Task { [configuration] in
-            try await runServer(configuration, logger: FrontFixtures.logger) { _, grpc in sink.yield(grpc) }
+            try await runServer(configuration, logger: FrontFixtures.logger) { ports in sink.yield(ports.grpc) }
         }
         defer { server.cancel() }
         var iterator = ports.makeAsyncIterator()

@@ -104,4 +104,63 @@ import SystemPackage
         #expect(run.exitCode == 1)
         #expect(run.stderr.contains("pip could not install 'sidecar-no-such-package-4711==1.0'"), "\(run.stderr)")
     }
+
+    @Test func initScaffoldsAModelWhoseSamplePredicts() async throws {
+        // The sidecar built next to this test binary (whatever --build-path), else .build/debug.
+        let sibling = Bundle.main.executableURL?.deletingLastPathComponent().appendingPathComponent("sidecar").path
+        let binary = [sibling, Self.binary].compactMap { $0 }.first { FileManager.default.isExecutableFile(atPath: $0) } ?? Self.binary
+        func run(_ arguments: [String]) async throws -> Run {
+            let result = try await Subprocess.run(
+                .path(FilePath(binary)), arguments: Arguments(arguments), input: .none,
+                output: .string(limit: 1 << 20), error: .string(limit: 1 << 20))
+            return Run(status: result.terminationStatus, stdout: result.standardOutput, stderr: result.standardError)
+        }
+        let parent = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-init-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: parent, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: parent) }
+        let model = parent.appendingPathComponent("hello-model")
+        let sample = model.appendingPathComponent("sample.jsonl")
+
+        let created = try await run(["init", "hello-model", "--directory", parent.path])
+        #expect(created.exitCode == 0, "\(created.stderr)")
+        for file in ["handler.py", "requirements.txt", "sidecar.yaml", "sample.jsonl"] {
+            #expect(FileManager.default.fileExists(atPath: model.appendingPathComponent(file).path), "\(file) missing")
+        }
+        #expect(created.stdout.contains("sidecar predict \(model.path) --input \(sample.path)"), "\(created.stdout)")
+        #expect(created.stdout.contains("sidecar serve \(model.path)"), "\(created.stdout)")
+
+        // The printed next command works as is.
+        let predicted = try await run([
+            "predict", model.path, "--input", sample.path, "--cache-dir", Fixtures.cacheDirectory.path, "--log-level", "warning",
+        ])
+        #expect(predicted.exitCode == 0, "\(predicted.stderr)")
+        #expect(
+            predicted.stdout.split(separator: "\n") == [
+                #"{"upper":"HELLO SIDECAR","words":2}"#, #"{"sum":6.5,"count":3}"#, #"{"upper":"ONE BATCH, MANY ITEMS","words":4}"#,
+            ], "\(predicted.stdout)")
+        // An item it does not understand fails alone, with the handler's message.
+        try "{\"text\": \"ok\"}\n42\n".write(to: parent.appendingPathComponent("mixed.jsonl"), atomically: true, encoding: .utf8)
+        let mixed = try await run([
+            "predict", model.path, "--input", parent.appendingPathComponent("mixed.jsonl").path, "--cache-dir", Fixtures.cacheDirectory.path,
+            "--log-level", "error",
+        ])
+        #expect(mixed.exitCode == 1)
+        let mixedLines = mixed.stdout.split(separator: "\n")
+        #expect(mixedLines.first == #"{"upper":"OK","words":1}"#, "\(mixed.stdout)")
+        #expect(mixedLines.last?.contains("ValueError: expected") == true, "\(mixed.stdout)")
+
+        // Refusals: one line, exit code 2, nothing touched.
+        let again = try await run(["init", "hello-model", "--directory", parent.path])
+        #expect(again.exitCode == 2)
+        #expect(again.stderr.split(separator: "\n").count == 1, "\(again.stderr)")
+        #expect(again.stderr.contains("already exists"), "\(again.stderr)")
+        let badName = try await run(["init", "my model/x", "--directory", parent.path])
+        #expect(badName.exitCode == 2)
+        #expect(badName.stderr.split(separator: "\n").count == 1, "\(badName.stderr)")
+        #expect(badName.stderr.contains("'my model/x' is not a valid model name"), "\(badName.stderr)")
+        let noParent = try await run(["init", "m", "--directory", parent.appendingPathComponent("nope").path])
+        #expect(noParent.exitCode == 2)
+        #expect(noParent.stderr.contains("no such directory"), "\(noParent.stderr)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: parent.path).sorted() == ["hello-model", "mixed.jsonl"])
+    }
 }

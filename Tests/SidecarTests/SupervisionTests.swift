@@ -237,6 +237,41 @@ import Glibc
         }
     }
 
+    @Test func autoscalerAddsWorkersUnderABurstAndRemovesThemAfter() async throws {
+        try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
+            let handler = "import time\n\ndef predict(batch):\n    time.sleep(0.05)\n    return batch\n"
+            let yaml = "workers: {min: 1, max: 3, target_queue_ms: 20, scale_down_after_s: 2}\nbatching: {max_batch_size: 2}\n"
+            let model = try await host.load(try Fixtures.model(["handler.py": handler, "sidecar.yaml": yaml]).path)
+            #expect(model.workers.count == 1)
+            let stop = LockedBox(false)
+            let burst = Task {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for client in 0..<24 {
+                        group.addTask {
+                            var n = 0
+                            while !stop.withLock({ $0 }) {
+                                let answer = try await model.predict(Fixtures.json("\(client * 100_000 + n)"))
+                                #expect(answer.json == "\(client * 100_000 + n)")
+                                n += 1
+                            }
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+            }
+            #expect(await eventually(timeout: .seconds(60)) { model.workers.filter { $0.state.isServing }.count >= 2 }, "\(model.workers)")
+            let decision = model.autoscaler?.lastDecision ?? ""
+            #expect(decision.hasPrefix("up to"), "\(decision)")
+            stop.withLock { $0 = true }
+            try await burst.value  // every request of the burst was answered
+            #expect(await eventually(timeout: .seconds(60)) { model.workers.count == 1 }, "\(model.workers)")
+            #expect(model.autoscaler?.lastDecision?.hasPrefix("down to") == true)
+            // An operator's count turns autoscaling off.
+            try await model.scale(to: 2)
+            #expect(model.autoscaler?.enabled == false)
+        }
+    }
+
     static func isZombie(_ pid: pid_t) -> Bool {
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return false }
         return stat.split(separator: ")").last?.trimmingCharacters(in: .whitespaces).hasPrefix("Z") == true

@@ -86,6 +86,7 @@ def server():
         str(HERE / "models" / "typed"),
         "--http-port", str(http_port),
         "--grpc-port", str(grpc_port),
+        "--no-admin",  # the admin API has its own tests (test_admin.py), with their own servers
         "--cache-dir", CACHE_DIR,
         "--max-body-bytes", str(MAX_BODY_BYTES),
         "--log-level", "warning",

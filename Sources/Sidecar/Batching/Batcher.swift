@@ -143,6 +143,10 @@ final class Batcher: Sendable {
     private let batchSizes: Recorder
     /// Time from an item's arrival to its dispatch (`sidecar_queue_seconds`).
     private let queueWait: Metrics.Timer
+    /// The last seconds of requests (rate, p99 from submit to answer) and of queue waits (per
+    /// dispatched chunk): what status pages and the autoscaler read.
+    let recentRequests = LatencyWindow()
+    let recentQueueWaits = LatencyWindow()
 
     init(modelName: String, batching: ModelConfiguration.Batching, maxRetries: Int, retry: Bool = true, defaultTimeout: Duration? = nil) {
         self.modelName = modelName
@@ -170,6 +174,7 @@ final class Batcher: Sendable {
     func submit(_ items: [Payload], deadline: ContinuousClock.Instant? = nil) async throws -> [PayloadResult] {
         if items.isEmpty { return [] }
         let request = PendingRequest(items: items, deadline: deadline ?? defaultTimeout.map { ContinuousClock.now.advanced(by: $0) })
+        defer { recentRequests.record(.now - request.enqueuedAt) }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<[PayloadResult], any Error>) in
                 enqueue(request, continuation)
@@ -258,8 +263,10 @@ final class Batcher: Sendable {
                 batchSizes.record(job.count)
                 let now = ContinuousClock.now
                 for chunk in job.chunks {
-                    let waited = (now - chunk.request.enqueuedAt).components
-                    queueWait.recordNanoseconds(waited.seconds * 1_000_000_000 + waited.attoseconds / 1_000_000_000)
+                    let waited = now - chunk.request.enqueuedAt
+                    let c = waited.components
+                    queueWait.recordNanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000)
+                    recentQueueWaits.record(waited, at: now)
                 }
                 return job
             case .finished:

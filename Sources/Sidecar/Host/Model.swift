@@ -115,8 +115,22 @@ public final class Model: Sendable {
     /// Changes the number of worker processes while the model serves. Returns once the new workers
     /// are ready or the leaving ones have finished their batches and exited; no request is dropped
     /// or failed. Throws after `timeout` (the change then completes in the background).
+    ///
+    /// On a model that autoscales, this turns autoscaling off: the operator's count wins until the
+    /// model is reloaded.
     public func scale(to workers: Int, timeout: Duration = .seconds(120)) async throws {
+        guard workers >= 1 else { throw SidecarError(.invalidInput, "a model needs at least 1 worker, got \(workers)") }
+        executor.disableAutoscaling(reason: "set to \(workers) worker(s) by hand")
         try await executor.resize(to: workers, timeout: timeout)
+    }
+
+    /// What the autoscaler is doing (nil when the model has a fixed worker count).
+    public var autoscaler: AutoscalerStatus? { executor.autoscaler }
+
+    /// Requests per second and p99 latency (submit to answer) over the last 10 seconds.
+    public var recentTraffic: (requestsPerSecond: Double, p99: Duration?) {
+        let snapshot = batcher.recentRequests.snapshot()
+        return (snapshot.perSecond, snapshot.p99)
     }
 
     /// The model's state as operators see it.

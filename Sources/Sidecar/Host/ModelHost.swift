@@ -84,12 +84,13 @@ public final class ModelHost: Service, Sendable {
         if let workers {
             guard workers >= 1 else { throw SidecarError(.invalidModel, "workers must be at least 1, got \(workers)") }
             bundle.configuration.workers = workers
+            bundle.configuration.autoscaling = nil  // a fixed count asked for explicitly
         }
         let modelName = bundle.configuration.name
         let id: Int = try state.withLock { state in
             guard !state.shuttingDown else { throw SidecarError(.unavailable, "the host is shutting down") }
             guard state.models[modelName] == nil, !state.loading.contains(modelName) else {
-                throw SidecarError(.invalidModel, "a model named '\(modelName)' is already loaded; unload it first or give this one another name")
+                throw SidecarError(.conflict, "a model named '\(modelName)' is already loaded; unload it first or give this one another name")
             }
             state.loading.insert(modelName)
             state.nextModelID += 1
@@ -112,7 +113,9 @@ public final class ModelHost: Service, Sendable {
             model: modelName, python: environment.python, modelDirectory: bundle.directory, handler: config.handler,
             handlerConfig: config.handlerConfig, socketDirectory: socketDirectory, timeouts: config.timeouts,
             maxMessageBytes: options.maxMessageBytes, window: 2, recycle: config.recycle)
-        let pool = WorkerPool(spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, logger: modelLogger)
+        let pool = WorkerPool(
+            spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, autoscaling: config.autoscaling,
+            logger: modelLogger)
         let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)

@@ -11,8 +11,10 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var name: String
     /// The handler entry point, `module:attribute` (default `handler:predict`).
     public var handler: String
-    /// The number of worker processes (default 1).
+    /// The number of worker processes (default 1); with autoscaling, the number it starts with (`min`).
     public var workers: Int
+    /// `workers: {min, max}`: the pool scales between the bounds on queue wait and load.
+    public var autoscaling: Autoscaling?
     public var batching: Batching
     public var timeouts: Timeouts
     /// How many times an item whose worker died while running it is dispatched again before it fails.
@@ -65,6 +67,22 @@ public struct ModelConfiguration: Sendable, Equatable {
         public var window: Duration = .seconds(60)
         /// The longest wait between restarts of one worker slot (the backoff doubles up to it).
         public var maxBackoff: Duration = .seconds(30)
+    }
+
+    /// Bounds and thresholds of autoscaling (`workers: {min, max, ...}`).
+    public struct Autoscaling: Sendable, Equatable {
+        public var min: Int
+        public var max: Int
+        /// Scale up when items wait longer than this in the queue (p99 over the last second), or
+        /// when more is queued than the workers take in one round.
+        public var targetQueueWait: Duration = .milliseconds(50)
+        /// Scale down after this long with an empty queue and workers busy less than half the time.
+        public var scaleDownAfter: Duration = .seconds(30)
+
+        public init(min: Int, max: Int) {
+            self.min = min
+            self.max = max
+        }
     }
 
     /// When a worker is replaced gracefully (its successor is ready before it drains).
@@ -186,7 +204,31 @@ private struct ConfigReader {
                 }
                 config.handler = entry
             case "workers":
-                config.workers = try int(value, key: key, range: 1...256)
+                if value.mapping != nil {
+                    var lower: Int?
+                    var upper: Int?
+                    var wait: Duration?
+                    var down: Duration?
+                    for (k, v) in try mapping(value, key: key, allowed: ["min", "max", "target_queue_ms", "scale_down_after_s"]) {
+                        let path = "workers.\(k)"
+                        switch k {
+                        case "min": lower = try int(v, key: path, range: 1...256)
+                        case "max": upper = try int(v, key: path, range: 1...256)
+                        case "target_queue_ms": wait = try seconds(v, key: path, milliseconds: true)
+                        default: down = try seconds(v, key: path)
+                        }
+                    }
+                    guard let lower, let upper, lower <= upper else {
+                        throw fail(key, "a number of workers, or {min: N, max: M} with min <= max", got: value)
+                    }
+                    var autoscaling = ModelConfiguration.Autoscaling(min: lower, max: upper)
+                    if let wait { autoscaling.targetQueueWait = wait }
+                    if let down { autoscaling.scaleDownAfter = down }
+                    config.autoscaling = autoscaling
+                    config.workers = lower
+                } else {
+                    config.workers = try int(value, key: key, range: 1...256)
+                }
             case "max_retries":
                 config.maxRetries = try int(value, key: key, range: 0...100)
             case "retry":

@@ -23,6 +23,8 @@ public struct SidecarError: Error, CustomStringConvertible, Sendable {
         public static let notFound = Code(name: "notFound")
         /// A request does not match the model's declared inputs, or its tensors are malformed.
         public static let invalidInput = Code(name: "invalidInput")
+        /// A model with that name is already loaded.
+        public static let conflict = Code(name: "conflict")
         /// The request's deadline passed before it was answered.
         public static let deadlineExceeded = Code(name: "deadlineExceeded")
     }

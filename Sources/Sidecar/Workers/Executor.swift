@@ -12,6 +12,10 @@ protocol Executor: Sendable {
     var workers: [WorkerStatus] { get }
     /// Grows or shrinks to `workers` while serving; returns once the change is done.
     func resize(to workers: Int, timeout: Duration) async throws
+    /// What the autoscaler is doing, when the model autoscales.
+    var autoscaler: AutoscalerStatus? { get }
+    /// Turns autoscaling off (an operator set the worker count by hand).
+    func disableAutoscaling(reason: String)
     /// Started and neither failed nor stopping: requests will be answered.
     var isAvailable: Bool { get }
     /// Why the executor gave up serving (the crash-loop breaker tripped), or nil.

@@ -56,11 +56,20 @@ final class WorkerPool: Executor {
     private let newSlots: AsyncStream<Int>
     private let newSlotSink: AsyncStream<Int>.Continuation
 
-    init(spec: WorkerSpec, size: Int, batcher: Batcher, policy: ModelConfiguration.RestartPolicy = .init(), logger: Logger) {
+    /// Set when the model autoscales.
+    let autoscaling: ModelConfiguration.Autoscaling?
+    let autoscalerStatus: LockedBox<AutoscalerStatus>?
+
+    init(
+        spec: WorkerSpec, size: Int, batcher: Batcher, policy: ModelConfiguration.RestartPolicy = .init(),
+        autoscaling: ModelConfiguration.Autoscaling? = nil, logger: Logger
+    ) {
         self.spec = spec
         self.batcher = batcher
         self.logger = logger
         self.policy = policy
+        self.autoscaling = autoscaling
+        self.autoscalerStatus = autoscaling.map { LockedBox(AutoscalerStatus(min: $0.min, max: $0.max)) }
         self.state = Mutex(State(initialSize: size))
         (newSlots, newSlotSink) = AsyncStream.makeStream()
         for slot in 0..<size { addSlot(slot) }
@@ -115,6 +124,10 @@ final class WorkerPool: Executor {
     func run() async {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.batcher.watchDeadlines() }
+            if let autoscaling, let autoscalerStatus {
+                let autoscaler = Autoscaler(bounds: autoscaling, pool: self, batcher: batcher, status: autoscalerStatus, logger: logger)
+                group.addTask { await autoscaler.run() }
+            }
             await withDiscardingTaskGroup { slots in
                 for await slot in newSlots {
                     slots.addTask { await self.runSlot(slot) }
@@ -151,6 +164,17 @@ final class WorkerPool: Executor {
     }
 
     private var isStopping: Bool { state.withLock { $0.stopping } }
+
+    var autoscaler: AutoscalerStatus? { autoscalerStatus?.withLock { $0 } }
+
+    func disableAutoscaling(reason: String) {
+        autoscalerStatus?.withLock {
+            guard $0.enabled else { return }
+            $0.enabled = false
+            $0.lastDecision = "off: \(reason)"
+            $0.lastDecisionAt = Date()
+        }
+    }
 
     /// The number of worker slots now.
     var size: Int { state.withLock { $0.statuses.count } }
@@ -352,7 +376,7 @@ final class WorkerPool: Executor {
                     if unanswered.isEmpty {
                         logger.warning("\(message)")
                     } else {
-                        logger.warning("\(message); the \(unanswered.count) batch(es) it was running are split and run again")
+                        logger.warning("\(message); the batch it was running is split and run again\(unanswered.count > 1 ? ", the one queued behind it goes back to the queue" : "")")
                     }
                     let initial = state.withLock { $0.readiness == nil }
                     if initial, !exit.becameReady {

@@ -10,7 +10,7 @@ import Sidecar
 /// error a front reports goes through here, so the two protocols never disagree.
 struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
     enum Code: Sendable {
-        case invalidArgument, notFound, unavailable, queueFull, tooLarge, deadlineExceeded, internalError
+        case invalidArgument, notFound, unavailable, queueFull, tooLarge, deadlineExceeded, unauthenticated, permissionDenied, conflict, internalError
     }
 
     var code: Code
@@ -31,6 +31,9 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .queueFull: return .tooManyRequests
         case .tooLarge: return .contentTooLarge
         case .deadlineExceeded: return .gatewayTimeout
+        case .unauthenticated: return .unauthorized
+        case .permissionDenied: return .forbidden
+        case .conflict: return .conflict
         case .internalError: return .internalServerError
         }
     }
@@ -42,6 +45,9 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .unavailable: return .unavailable
         case .queueFull, .tooLarge: return .resourceExhausted
         case .deadlineExceeded: return .deadlineExceeded
+        case .unauthenticated: return .unauthenticated
+        case .permissionDenied: return .permissionDenied
+        case .conflict: return .alreadyExists
         case .internalError: return .internalError
         }
     }
@@ -57,6 +63,9 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .queueFull: return "queue_full"
         case .tooLarge: return "too_large"
         case .deadlineExceeded: return "deadline_exceeded"
+        case .unauthenticated: return "unauthenticated"
+        case .permissionDenied: return "permission_denied"
+        case .conflict: return "conflict"
         case .internalError: return "internal"
         }
     }
@@ -67,6 +76,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
         if code == .queueFull { headers[.retryAfter] = "1" }
+        if code == .unauthenticated { headers[.wwwAuthenticate] = "Bearer" }
         return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(data: body)))
     }
 
@@ -91,6 +101,10 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
             case .queueFull: return FrontError(.queueFull, error.message)
             case .unavailable: return FrontError(.unavailable, error.message)
             case .deadlineExceeded: return FrontError(.deadlineExceeded, error.message)
+            case .conflict: return FrontError(.conflict, error.message)
+            case .loadFailed, .environmentFailed:
+                // The traceback or pip's output is what the operator needs to fix it.
+                return FrontError(.internalError, error.detail.map { "\(error.message)\n\($0)" } ?? error.message)
             default: return FrontError(.internalError, error.message)
             }
         case let error as PredictionError:

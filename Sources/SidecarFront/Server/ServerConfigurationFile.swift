@@ -13,7 +13,10 @@ public enum ServerConfigurationFile {
         var configuration = ServerConfiguration()
         guard let root = try Yams.compose(yaml: text) else { return configuration }
         guard let mapping = root.mapping else { throw SidecarError(.invalidModel, "\(path): the top level must be a mapping of keys") }
-        let keys = ["models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args"]
+        let keys = [
+            "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
+            "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes",
+        ]
         func fail(_ key: String, _ expected: String) -> SidecarError {
             SidecarError(.invalidModel, "\(path): '\(key)' must be \(expected)")
         }
@@ -42,6 +45,21 @@ public enum ServerConfigurationFile {
             case "max_body_bytes": configuration.maxBodyBytes = try int(v, key, 1...(1 << 34))
             case "max_grpc_message_bytes": configuration.maxGRPCMessageBytes = try int(v, key, 1...(1 << 31 - 1))
             case "cache_dir": cacheDir = v.string
+            case "admin_host": guard let s = v.string, !s.isEmpty else { throw fail(key, "an address") }; configuration.adminHost = s
+            case "admin_port":
+                // `admin_port: off` (or null) turns the admin API off.
+                if v.null != nil || v.string == "off" { configuration.adminPort = nil } else { configuration.adminPort = try int(v, key, 0...65535) }
+            case "admin_token_file":
+                guard let file = v.string, !file.isEmpty else { throw fail(key, "a file path") }
+                let resolved = file.hasPrefix("/") ? file : base.appendingPathComponent(file).path
+                guard let text = try? String(contentsOfFile: resolved, encoding: .utf8),
+                      let token = text.split(whereSeparator: \.isNewline).first.map({ $0.trimmingCharacters(in: .whitespaces) }), !token.isEmpty
+                else { throw SidecarError(.invalidModel, "\(path): admin_token_file \(resolved) cannot be read or is empty") }
+                configuration.adminToken = token
+            case "bundle_dir":
+                guard let dir = v.string, !dir.isEmpty else { throw fail(key, "a directory path") }
+                configuration.bundleDirectory = URL(fileURLWithPath: dir.hasPrefix("/") ? dir : base.appendingPathComponent(dir).path)
+            case "bundle_max_bytes": configuration.bundleMaxBytes = try int(v, key, 1...(1 << 34))
             default: pipArgs = try strings(v, key)
             }
         }

@@ -23,23 +23,47 @@ public struct ServerConfiguration: Sendable {
     /// because inference clients send large tensors.
     public var maxGRPCMessageBytes = 64 << 20
     public var hostOptions = HostOptions()
+    /// Address of the admin API: loopback by default; anywhere else it requires `adminToken`.
+    public var adminHost = "127.0.0.1"
+    /// Port of the admin API; nil turns it off.
+    public var adminPort: Int? = 8002
+    /// The bearer token the admin API requires (from `admin_token_file`, `--admin-token-file` or
+    /// `$SIDECAR_ADMIN_TOKEN`). Required when the admin API is not on loopback.
+    public var adminToken: String?
+    /// Where uploaded bundles are unpacked (default: `bundles/` in the environment cache).
+    public var bundleDirectory: URL?
+    /// Largest uploaded bundle, compressed (default 256 MiB).
+    public var bundleMaxBytes = 256 << 20
 
     public init() {}
 }
 
-/// Runs a Sidecar server until SIGTERM or SIGINT: the model host, the HTTP front and the gRPC front
-/// in one `ServiceGroup`. On a signal the fronts stop accepting and finish what is in flight, then
+/// The ports a running server listens on.
+public struct ListeningPorts: Sendable {
+    public var http: Int
+    public var grpc: Int
+    public var admin: Int?
+}
+
+/// Runs a Sidecar server until SIGTERM or SIGINT: the model host, the HTTP front, the gRPC front and
+/// the admin API in one `ServiceGroup`. On a signal the fronts stop accepting and finish what is in flight, then
 /// the host drains and stops the workers.
 ///
 /// `onListening` is called with the bound HTTP and gRPC ports once both listen (useful with port 0).
 public func runServer(
     _ configuration: ServerConfiguration, logger: Logger,
-    onListening: @escaping @Sendable (_ httpPort: Int, _ grpcPort: Int) -> Void = { _, _ in }
+    onListening: @escaping @Sendable (ListeningPorts) -> Void = { _ in }
 ) async throws {
+    if let port = configuration.adminPort, configuration.adminToken == nil, !isLoopback(configuration.adminHost) {
+        throw SidecarError(
+            .invalidModel,
+            "the admin API would listen on \(configuration.adminHost):\(port) without a token; set admin_token_file "
+                + "(or --admin-token-file, or $SIDECAR_ADMIN_TOKEN), or bind it to 127.0.0.1")
+    }
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
     let metrics = FrontMetrics.shared()
     let readiness = ServerReadiness(host: host)
-    let ports = PortReport(onListening)
+    let ports = PortReport(expectAdmin: configuration.adminPort != nil, onListening)
 
     let http = Application(
         router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes).router(),
@@ -57,14 +81,26 @@ public func runServer(
             address: .ipv4(host: configuration.host, port: configuration.grpcPort), transportSecurity: .plaintext, config: transportConfig),
         services: [InferenceService(host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes), HealthService(host: host, readiness: readiness)])
 
+    var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
+        .init(service: host),
+        .init(service: ModelLoader(host: host, readiness: readiness, directories: configuration.models, workers: configuration.workers)),
+        .init(service: GRPCServerService(server: grpc, ports: ports)),
+        .init(service: http),
+    ]
+    if let adminPort = configuration.adminPort {
+        let bundles = configuration.bundleDirectory ?? configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("bundles")
+        let admin = AdminFront(
+            host: host, token: configuration.adminToken, bundleDirectory: bundles,
+            bundleLimits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
+        services.append(.init(service: Application(
+            router: admin.router(),
+            configuration: .init(address: .hostname(configuration.adminHost, port: adminPort), serverName: "sidecar-admin"),
+            onServerRunning: { channel in ports.admin(channel.localAddress?.port ?? adminPort) },
+            logger: logger)))
+    }
     let group = ServiceGroup(
         configuration: .init(
-            services: [
-                .init(service: host),
-                .init(service: ModelLoader(host: host, readiness: readiness, directories: configuration.models, workers: configuration.workers)),
-                .init(service: GRPCServerService(server: grpc, ports: ports)),
-                .init(service: http),
-            ],
+            services: services,
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
     try await group.run()
@@ -128,31 +164,40 @@ struct GRPCServerService: Service {
     }
 }
 
-/// Calls back once both fronts have reported their bound ports.
+/// Calls back once every listener has reported its bound port.
 final class PortReport: Sendable {
-    private let state = LockedPorts()
-    private let callback: @Sendable (Int, Int) -> Void
+    private struct Ports {
+        var http: Int?
+        var grpc: Int?
+        var admin: Int?
+        var reported = false
+    }
 
-    init(_ callback: @escaping @Sendable (Int, Int) -> Void) { self.callback = callback }
+    private let state = Mutex(Ports())
+    private let expectAdmin: Bool
+    private let callback: @Sendable (ListeningPorts) -> Void
+
+    init(expectAdmin: Bool = false, _ callback: @escaping @Sendable (ListeningPorts) -> Void) {
+        self.expectAdmin = expectAdmin
+        self.callback = callback
+    }
 
     func http(_ port: Int) { report { $0.http = port } }
     func grpc(_ port: Int) { report { $0.grpc = port } }
+    func admin(_ port: Int) { report { $0.admin = port } }
 
-    private func report(_ update: (inout (http: Int?, grpc: Int?)) -> Void) {
-        if let (http, grpc) = state.update(update) { callback(http, grpc) }
+    private func report(_ update: (inout Ports) -> Void) {
+        let complete: ListeningPorts? = state.withLock { ports in
+            update(&ports)
+            guard !ports.reported, let http = ports.http, let grpc = ports.grpc, !expectAdmin || ports.admin != nil else { return nil }
+            ports.reported = true
+            return ListeningPorts(http: http, grpc: grpc, admin: ports.admin)
+        }
+        if let complete { callback(complete) }
     }
 }
 
-private final class LockedPorts: Sendable {
-    private let ports = Mutex<(http: Int?, grpc: Int?)>((nil, nil))
-
-    /// Applies `update`; returns both ports when this update completed them.
-    func update(_ update: (inout (http: Int?, grpc: Int?)) -> Void) -> (Int, Int)? {
-        ports.withLock { ports in
-            let wasComplete = ports.http != nil && ports.grpc != nil
-            update(&ports)
-            guard !wasComplete, let http = ports.http, let grpc = ports.grpc else { return nil }
-            return (http, grpc)
-        }
-    }
+/// Whether `host` names the loopback interface only.
+func isLoopback(_ host: String) -> Bool {
+    host == "localhost" || host == "::1" || host.hasPrefix("127.")
 }
