@@ -234,7 +234,8 @@ struct LoadCommand: AsyncParsableCommand {
             // Checked here first, so a typo fails in one line before anything is packed or sent.
             let bundle: ModelBundle
             do { bundle = try ModelBundle(directory: url.path) } catch { throw reportFailure(error) }
-            let packed = try await BundleArchive.pack(directory: url)
+            let packed: (data: Data, sha256: String)
+            do { packed = try await BundleArchive.pack(directory: url) } catch { throw reportFailure(error) }
             var query = ["name=\(percentEncoded(name ?? bundle.configuration.name))"]
             if let workers { query.append("workers=\(workers)") }
             data = try await client.call(

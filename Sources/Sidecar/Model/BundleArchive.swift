@@ -132,7 +132,7 @@ public enum BundleArchive {
         }
         var arguments = ["--exclude=__pycache__"]
         #if os(Linux)
-        // GNU tar: the same directory gives the same bytes, whoever owns the files.
+        // GNU tar: entries in a stable order, without the packer's user and group names.
         arguments += ["--sort=name", "--owner=0", "--group=0", "--numeric-owner"]
         #endif
         arguments += ["-czf", "-", "-C", directory.path, "."]
@@ -375,7 +375,8 @@ extension BundleArchive {
         /// The checks that need the whole tree: nothing lies inside a symlink or a file, and every
         /// symlink, followed through the bundle's other symlinks, stays inside.
         func finish() throws {
-            guard !entries.isEmpty else { throw Refusal("holds no files (an empty tar archive)") }
+            // Structural: gzip output that stops at once (not gzip at all) looks like this too.
+            guard !entries.isEmpty else { throw Refusal("holds no files (an empty tar archive)", kind: .structural) }
             for entry in entries {
                 for depth in 1..<max(1, entry.path.count) {
                     let prefix = entry.path[..<depth].joined(separator: "/")
