@@ -173,3 +173,14 @@ def test_malicious_bundles_are_refused_before_unpacking(admin, tmp_path):
     assert code == 400 and "sha256" in message, message
     assert not sentinel.exists(), "a refused bundle wrote outside its staging directory"
     assert "evil" not in status(admin)
+
+
+def test_admin_api_off_loopback_needs_a_token(tmp_path):
+    echo = chaos.copy_model(chaos.ECHO_MODEL, tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "SIDECAR_ADMIN_TOKEN"}
+    done = subprocess.run(
+        [chaos.SIDECAR_BIN, "serve", str(echo), "--http-port", str(chaos.free_port()), "--grpc-port", str(chaos.free_port()),
+         "--admin-host", "0.0.0.0", "--admin-port", str(chaos.free_port()), "--cache-dir", chaos.CACHE_DIR],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "without a token" in done.stderr and "admin_token_file" in done.stderr, done.stderr[-2000:]
