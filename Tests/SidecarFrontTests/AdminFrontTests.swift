@@ -109,6 +109,10 @@ import Testing
                 #expect(response.status == .created, "\(String(buffer: response.body))")
             }
             #expect(try await host.model(named: "up")?.predict(Fixtures.json("\"x\"")).json == "\"x\"")
+            let unpacked = try #require(host.model(named: "up")?.bundle.directory)
+            #expect(FileManager.default.fileExists(atPath: unpacked.appendingPathComponent("handler.py").path))
+            try await client.execute(uri: "/admin/v1/models/up", method: .delete, headers: authorized) { #expect($0.status == .ok) }
+            #expect(!FileManager.default.fileExists(atPath: unpacked.path), "an unloaded bundle's files are removed")
             try await client.execute(
                 uri: "/admin/v1/bundles?name=big", method: .post, headers: headers, body: ByteBuffer(repeating: 0, count: 2 << 20)
             ) { #expect($0.status == .contentTooLarge) }

@@ -32,7 +32,13 @@ struct AdminFront: Sendable {
         models.get("{model}") { _, context in json(AdminModel(try model(context))) }
         models.delete("{model}") { _, context in
             let name = try context.parameters.require("model")
+            let directory = host.model(named: name)?.bundle.directory.standardizedFileURL.path
             do { try await host.unload(name) } catch { throw FrontError.from(error) }
+            // An uploaded bundle's files go with the model (a directory on the server stays).
+            let root = bundleDirectory.standardizedFileURL.path + "/"
+            if let directory, directory.hasPrefix(root), let staging = directory.dropFirst(root.count).split(separator: "/").first {
+                try? FileManager.default.removeItem(at: bundleDirectory.appendingPathComponent(String(staging)))
+            }
             return json(["unloaded": name])
         }
         models.post("{model}/reload") { _, context in
