@@ -171,6 +171,9 @@ struct ScaleCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Seconds to wait for the change (default 120).")
     var timeout: Double = 120
 
+    @Flag(name: .long, help: "Return at once; the change goes on in the server (watch it with `sidecar status`).")
+    var noWait = false
+
     @OptionGroup var admin: AdminArguments
 
     func validate() throws {
@@ -182,12 +185,17 @@ struct ScaleCommand: AsyncParsableCommand {
         struct Body: Encodable {
             var workers: Int
             var timeout_s: Double
+            var wait: Bool
         }
         let data = try await admin.client().call(
-            .PUT, "/admin/v1/models/\(model)/workers", json: Body(workers: workers, timeout_s: timeout),
+            .PUT, "/admin/v1/models/\(model)/workers", json: Body(workers: workers, timeout_s: timeout, wait: !noWait),
             timeout: .seconds(Int64(timeout) + 30))
         let summary = try JSONDecoder().decode(ModelSummary.self, from: data)
-        print("\(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+        if noWait {
+            print("\(summary.name): scaling to \(workers) workers (now \(summary.workers_ready)/\(summary.workers_target) ready)")
+        } else {
+            print("\(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+        }
     }
 }
 

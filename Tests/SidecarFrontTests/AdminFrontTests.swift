@@ -65,6 +65,11 @@ import Testing
             try await client.execute(
                 uri: "/admin/v1/models/echo/workers", method: .put, headers: authorized, body: ByteBuffer(string: #"{"workers": 0}"#)
             ) { #expect($0.status == .badRequest) }
+            // Without waiting: 202 at once, the change completes in the background.
+            try await client.execute(
+                uri: "/admin/v1/models/echo/workers", method: .put, headers: authorized, body: ByteBuffer(string: #"{"workers": 1, "wait": false}"#)
+            ) { #expect($0.status == .accepted) }
+            #expect(await eventually { host.model(named: "echo")?.workers.count == 1 })
             try await client.execute(
                 uri: "/admin/v1/models/nope/workers", method: .put, headers: authorized, body: ByteBuffer(string: #"{"workers": 2}"#)
             ) { #expect($0.status == .notFound) }
@@ -122,4 +127,13 @@ import Testing
 
 enum Fixtures {
     static func json(_ text: String) -> JSONValue { try! JSONValue(json: text) }
+}
+
+func eventually(timeout: Duration = .seconds(20), _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now.advanced(by: timeout)
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(50))
+    }
+    return condition()
 }

@@ -25,7 +25,7 @@ public struct HostOptions: Sendable {
 /// duration of a closure.
 public final class ModelHost: Service, Sendable {
     public let options: HostOptions
-    let logger: Logger
+    public let logger: Logger
     let socketRoot: URL
 
     private struct State {

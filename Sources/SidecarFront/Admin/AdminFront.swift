@@ -114,11 +114,14 @@ struct AdminFront: Sendable {
         }
     }
 
-    /// `PUT /admin/v1/models/{m}/workers {"workers": 3, "timeout_s": 120}`.
+    /// `PUT /admin/v1/models/{m}/workers {"workers": 3, "timeout_s": 120, "wait": true}`. With
+    /// `"wait": false` it answers 202 at once and the change goes on in the background (watch it with
+    /// `GET /admin/v1/models/{m}`).
     private func scale(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
         struct Body: Decodable {
             var workers: Int
             var timeout_s: Double?
+            var wait: Bool?
         }
         let model = try model(context)
         let body = try await decode(Body.self, request, what: "scale request")
@@ -126,6 +129,17 @@ struct AdminFront: Sendable {
             throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(body.workers)")
         }
         let timeout = Duration.milliseconds(Int64((body.timeout_s ?? 120) * 1000))
+        if body.wait == false {
+            // Not tied to this request: the caller asked not to wait. The pool's own checks (stopping,
+            // FAILED) still apply; the outcome shows in the model's status.
+            let (workers, logger) = (body.workers, host.logger)
+            Task {
+                do { try await model.scale(to: workers, timeout: timeout) } catch {
+                    logger.warning("scaling '\(model.name)' to \(workers) workers: \(error)")
+                }
+            }
+            return json(AdminModel(model), status: .accepted)
+        }
         do {
             try await model.scale(to: body.workers, timeout: timeout)
         } catch {
