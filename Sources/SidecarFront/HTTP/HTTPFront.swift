@@ -188,7 +188,9 @@ struct HTTPFront: Sendable {
 func json(_ value: some Encodable, status: HTTPResponse.Status = .ok) -> Response {
     var headers = HTTPFields()
     headers[.contentType] = "application/json"
-    let body = (try? JSONEncoder().encode(value)) ?? Data("{}".utf8)
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = .sortedKeys  // stable output for people and for diffs in scripts
+    let body = (try? encoder.encode(value)) ?? Data("{}".utf8)
     return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(data: body)))
 }
 
