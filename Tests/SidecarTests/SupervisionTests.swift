@@ -67,7 +67,9 @@ import Glibc
             let start = ContinuousClock.now
             #expect(try await pending.value.json == "\"sleep\"")
             #expect(ContinuousClock.now - start < .seconds(15))
-            #expect(model.workers[0].restarts == 1)
+            // (On a slow machine the batch may have finished before SIGSTOP landed; the stopped
+            // worker is then declared hung while idle. Either way it is found and replaced.)
+            #expect(await eventually { model.workers[0].restarts == 1 }, "\(model.workers[0])")
             #expect(model.workers[0].lastError?.contains("hung: no answer to pings") == true)
             #expect(kill(pid, 0) != 0 || Self.isZombie(pid), "the stopped process was killed")
         }
