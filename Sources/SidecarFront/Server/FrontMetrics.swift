@@ -47,28 +47,43 @@ final class FrontMetrics: Sendable {
             .recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
     }
 
+    /// The gauges read from the host at each scrape, with their `# HELP` text.
+    private static let help: [String: String] = [
+        "sidecar_queue_depth": "Items waiting for a worker.",
+        "sidecar_workers": "Worker slots by state.",
+        "sidecar_worker_restarts": "Worker processes replaced after ending unexpectedly, all slots.",
+        "sidecar_model_failed": "1 while the model is FAILED (crash-loop breaker tripped), else 0.",
+        "sidecar_worker_rss_bytes": "Resident memory of the worker process.",
+        "sidecar_worker_items_served": "Items answered by the worker slot.",
+        "sidecar_worker_batches_served": "Batches answered by the worker slot.",
+        "sidecar_worker_slot_restarts": "Times the worker slot's process was replaced after ending unexpectedly.",
+    ]
+
+    private func gauge(_ name: String, _ labels: [(String, String)]) -> Prometheus.Gauge {
+        registry.makeGauge(
+            descriptor: MetricNameDescriptor(metricName: name, unitName: "", helpText: Self.help[name] ?? ""), labels: labels)
+    }
+
     /// The exposition text, with the gauges read from the host now.
     func exposition(host: ModelHost) -> String {
         for name in host.modelNames {
             guard let model = host.model(named: name) else { continue }
-            registry.makeGauge(name: "sidecar_queue_depth", labels: [("model", name)]).set(Double(model.queuedItems))
+            gauge("sidecar_queue_depth", [("model", name)]).set(Double(model.queuedItems))
             let workers = model.workers
             for state in WorkerStatus.State.allCases {
-                registry.makeGauge(name: "sidecar_workers", labels: [("model", name), ("state", state.rawValue)])
-                    .set(Double(workers.filter { $0.state == state }.count))
+                gauge("sidecar_workers", [("model", name), ("state", state.rawValue)]).set(Double(workers.filter { $0.state == state }.count))
             }
-            registry.makeGauge(name: "sidecar_worker_restarts", labels: [("model", name)])
-                .set(Double(workers.reduce(0) { $0 + $1.restarts }))
+            gauge("sidecar_worker_restarts", [("model", name)]).set(Double(workers.reduce(0) { $0 + $1.restarts }))
             let failed: Bool
             if case .failed = model.state { failed = true } else { failed = false }
-            registry.makeGauge(name: "sidecar_model_failed", labels: [("model", name)]).set(failed ? 1.0 : 0.0)
+            gauge("sidecar_model_failed", [("model", name)]).set(failed ? 1.0 : 0.0)
             // Per worker: what `GET /status` shows, for dashboards and alerts.
             for worker in workers {
                 let labels = [("model", name), ("worker", "\(worker.index)")]
-                registry.makeGauge(name: "sidecar_worker_rss_bytes", labels: labels).set(Double(worker.rssBytes ?? 0))
-                registry.makeGauge(name: "sidecar_worker_items_served", labels: labels).set(Double(worker.itemsServed))
-                registry.makeGauge(name: "sidecar_worker_batches_served", labels: labels).set(Double(worker.batchesServed))
-                registry.makeGauge(name: "sidecar_worker_slot_restarts", labels: labels).set(Double(worker.restarts))
+                gauge("sidecar_worker_rss_bytes", labels).set(Double(worker.rssBytes ?? 0))
+                gauge("sidecar_worker_items_served", labels).set(Double(worker.itemsServed))
+                gauge("sidecar_worker_batches_served", labels).set(Double(worker.batchesServed))
+                gauge("sidecar_worker_slot_restarts", labels).set(Double(worker.restarts))
             }
         }
         return registry.emitToString()
