@@ -897,6 +897,17 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
                           f"{faulty_tally.counts['lost']} requests to faulty got no answer: {faulty_tally.samples['lost']}")
             result.expect(result.ok > 0 and result.failed == 0 and result.lost == 0 and result.rejected == 0,
                           f"echo was disturbed: ok {result.ok} failed {result.failed} rejected {result.rejected} lost {result.lost}")
+            # The fix, then a reload through the CLI: the model comes back.
+            (faulty / "BROKEN").unlink(missing_ok=True)
+            reload = subprocess.run(
+                [SIDECAR_BIN, "reload", "faulty", "--server", f"http://127.0.0.1:{server.admin_port}"],
+                capture_output=True, text=True, timeout=120)
+            after = send(server.http_port, v1_call("faulty", 7), rejects=frozenset())[0]
+            result.facts["reload"] = f"exit {reload.returncode}: {(reload.stdout + reload.stderr).strip()[:200]}; then {after.status}"
+            result.expect(reload.returncode == 0 and after.kind == "ok",
+                          f"`sidecar reload faulty` after removing BROKEN: {result.facts['reload']} {after.message[:200]!r}")
+            if reload.returncode == 0 and after.kind == "ok":
+                result.notes.append("back after `sidecar reload`")
         except Exception as error:  # noqa: BLE001
             result.problems.append(f"error: {error!r}"[:2000])
         finally:

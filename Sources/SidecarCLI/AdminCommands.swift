@@ -275,3 +275,21 @@ struct UnloadCommand: AsyncParsableCommand {
         print("unloaded \(model)")
     }
 }
+
+struct ReloadCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload",
+        abstract: "Unload a model and load it again from the same directory: how a FAILED model comes back once fixed.",
+        discussion: "Exit codes: 0 reloaded; 1 no such model, or it failed to load again (the error says why); 3 unreachable; 4 token.\n\n  sidecar reload iris")
+
+    @Argument(help: "The model's name.")
+    var model: String
+
+    @OptionGroup var admin: AdminArguments
+
+    func run() async throws {
+        let data = try await admin.client().call(.POST, "/admin/v1/models/\(model)/reload")
+        let summary = try JSONDecoder().decode(ModelSummary.self, from: data)
+        print("reloaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+    }
+}

@@ -9,7 +9,7 @@ struct SidecarCommand: AsyncParsableCommand {
         commandName: "sidecar",
         abstract: "Serve Python models from a directory: handler.py, requirements.txt, sidecar.yaml.",
         subcommands: [
-            PredictCommand.self, ServeCommand.self, StatusCommand.self, ScaleCommand.self, LoadCommand.self, UnloadCommand.self,
+            PredictCommand.self, ServeCommand.self, StatusCommand.self, ScaleCommand.self, LoadCommand.self, UnloadCommand.self, ReloadCommand.self,
             InitCommand.self,
         ])
 }

@@ -272,7 +272,7 @@ final class WorkerPool: Executor {
         let error = SidecarError(
             .unavailable,
             "model '\(spec.model)' is FAILED: workers failed \(policy.maxFailures) times within \(policy.window) (restart_policy); "
-                + "last, worker \(slot): \(last). Fix the cause and reload the model.",
+                + "last, worker \(slot): \(last). Fix the cause, then reload it (sidecar reload \(spec.model)).",
             detail: exit.loadError?.traceback ?? (exit.stderrTail.isEmpty ? nil : exit.stderrTail.joined(separator: "\n")))
         fail(error)
     }
