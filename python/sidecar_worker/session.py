@@ -3,6 +3,11 @@
 All outgoing messages go through one queue, drained by the response generator (the only writer).
 Pings are answered on the event loop as soon as they are read. Sync handlers run in a single
 predict thread, so batches execute one at a time in arrival order; async handlers run on the loop.
+
+A sync batch that is known to be short (recent batches took under INLINE_BELOW_SECONDS on average)
+runs inline on the loop instead, when the predict thread is idle: the hand-off to the thread and back
+costs more than such a batch itself. Pings then wait at most that long; a batch that turns out slow
+moves the average up, and the next ones go back to the thread.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from typing import AsyncIterator, List, Optional, Set
 
 import grpc
@@ -27,6 +33,8 @@ log = logging.getLogger("sidecar.worker")
 EXIT_LOAD_FAILED = 3
 # How long SIGTERM/SIGINT waits for in-flight batches before ending the stream anyway.
 SIGNAL_GRACE_SECONDS = 5.0
+# Sync batches shorter than this on average run inline on the event loop (see the module docstring).
+INLINE_BELOW_SECONDS = 0.002
 
 
 class _Session:
@@ -49,6 +57,11 @@ class _Session:
         self._out: "asyncio.Queue[Optional[pb.WorkerMessage]]" = asyncio.Queue()
         self._handler: "asyncio.Future[Optional[Handler]]" = self._loop.create_future()
         self._inflight: Set["asyncio.Task[None]"] = set()
+        # Average wall time of recent sync batches (starts high: the first batches use the thread).
+        self._recent_seconds = 1.0
+        # Sync batches handed to the predict thread and not finished: while any is, later batches
+        # must queue behind it there, to keep the one-at-a-time, in-order guarantee.
+        self._in_thread = 0
         self._tasks: List["asyncio.Task[None]"] = []
         self.exit_code = 0
 
@@ -122,14 +135,29 @@ class _Session:
         try:
             if handler.is_async:
                 result = await process_async(handler, batch)
+            elif self._in_thread == 0 and self._recent_seconds < INLINE_BELOW_SECONDS:
+                start = time.perf_counter()
+                result = process_sync(handler, batch)
+                self._note_duration(time.perf_counter() - start)
             else:
-                result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch)
+                self._in_thread += 1
+                start = time.perf_counter()
+                try:
+                    result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch)
+                finally:
+                    self._in_thread -= 1
+                self._note_duration(time.perf_counter() - start)
         except Exception as exc:  # a bug in the runtime; never leave the supervisor waiting
             log.exception("processing batch %d failed", batch.id)
             result = pb.BatchResult(
                 id=batch.id, batch_error=pb.Error(type="InternalError", message=f"{type(exc).__name__}: {exc}")
             )
         self._put(pb.WorkerMessage(result=result))
+
+
+    def _note_duration(self, seconds: float) -> None:
+        # An exponential average: a few fast batches bring it down, one slow batch sends it up.
+        self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * seconds
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):

@@ -357,6 +357,8 @@ final class WorkerPool: Executor {
                     for job in unanswered.dropFirst() { batcher.giveBack(job) }
                     if generation == incoming {
                         incoming = nil
+                        // Stopping while the successor was starting: it just leaves with the rest.
+                        if exit.retired || isStopping || leaving { break }
                         logger.warning("the successor of worker \(slot) failed to start (\(exit.reason)); the current one keeps serving")
                         if !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
                         break
