@@ -109,7 +109,7 @@ struct Benchmark: AsyncParsableCommand {
         let before = model.batchStatistics
         let start = ContinuousClock.now
         let latencies = try await run(model: model, items: items, callers: callers, for: .milliseconds(Int(seconds * 1000)))
-        let elapsed = (ContinuousClock.now - start).seconds
+        let elapsed = (ContinuousClock.now - start).inSeconds
         let sorted = latencies.sorted()
         func percentile(_ p: Double) -> Double { sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
         let after = model.batchStatistics
@@ -128,7 +128,7 @@ struct Benchmark: AsyncParsableCommand {
                     while ContinuousClock.now < deadline {
                         let start = ContinuousClock.now
                         let results = try await model.predict(batch: items)
-                        latencies.append((ContinuousClock.now - start).seconds)
+                        latencies.append((ContinuousClock.now - start).inSeconds)
                         if case .failure(let error) = results[0] { throw error }
                     }
                     return latencies
@@ -179,8 +179,4 @@ struct Benchmark: AsyncParsableCommand {
         else { return "unknown CPU" }
         return line.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
     }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

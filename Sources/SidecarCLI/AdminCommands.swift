@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOFoundationCompat
 import Sidecar
+import SidecarFront
 
 /// Exit codes of the commands that talk to a server, for scripts:
 /// 0 done; 1 the server refused or the operation failed; 2 bad usage or local input;
@@ -31,7 +32,9 @@ struct AdminArguments: ParsableArguments {
             throw ValidationError("--server must be an http(s) URL such as http://127.0.0.1:8002, got '\(base)'")
         }
         var token = environment["SIDECAR_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-        if let tokenFile { token = try ServeCommand.readToken(tokenFile) }
+        if let tokenFile {
+            do { token = try readAdminToken(file: tokenFile) } catch { throw reportFailure(error) }
+        }
         return AdminClient(base: base.hasSuffix("/") ? String(base.dropLast()) : base, token: token)
     }
 }

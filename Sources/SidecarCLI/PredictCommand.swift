@@ -188,7 +188,7 @@ final class Progress {
 
     func update(lines: Int, bytes: Int) {
         guard enabled else { return }
-        let seconds = max(0.001, Double((ContinuousClock.now - start).components.attoseconds) / 1e18 + Double((ContinuousClock.now - start).components.seconds))
+        let seconds = max(0.001, (ContinuousClock.now - start).inSeconds)
         var text = "\r\(lines) lines, \(Int(Double(lines) / seconds))/s"
         if let total, total > 0 {
             let fraction = min(1, Double(bytes) / Double(total))

@@ -55,16 +55,6 @@ struct ServeCommand: AsyncParsableCommand {
 
     @OptionGroup var hostArguments: HostArguments
 
-    /// A token file's first line; an unreadable or empty file is an error, never "no token".
-    static func readToken(_ path: String) throws -> String {
-        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
-            throw ValidationError("cannot read the admin token file \(path)")
-        }
-        let token = text.split(whereSeparator: \.isNewline).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
-        guard !token.isEmpty else { throw ValidationError("the admin token file \(path) is empty") }
-        return token
-    }
-
     func run() async throws {
         let logger = try hostArguments.logger()
         var configuration = ServerConfiguration()
@@ -82,7 +72,9 @@ struct ServeCommand: AsyncParsableCommand {
         if let adminHost { configuration.adminHost = adminHost }
         if let adminPort { configuration.adminPort = adminPort }
         if noAdmin { configuration.adminPort = nil }
-        if let adminTokenFile { configuration.adminToken = try Self.readToken(adminTokenFile) }
+        if let adminTokenFile {
+            do { configuration.adminToken = try readAdminToken(file: adminTokenFile) } catch { throw reportFailure(error) }
+        }
         if configuration.adminToken == nil, let token = ProcessInfo.processInfo.environment["SIDECAR_ADMIN_TOKEN"], !token.isEmpty {
             configuration.adminToken = token
         }

@@ -86,7 +86,7 @@ import Testing
                 let message = try json(response)["error"] as? String ?? ""
                 #expect(message.contains("already loaded"), "\(message)")
             }
-            #expect(try await host.model(named: "echo2")?.predict(Fixtures.json("7")).json == "7")
+            #expect(try await host.model(named: "echo2")?.predict(FrontFixtures.json("7")).json == "7")
             try await client.execute(uri: "/admin/v1/models/echo2", method: .delete, headers: authorized) { #expect($0.status == .ok) }
             #expect(host.model(named: "echo2") == nil)
             try await client.execute(uri: "/admin/v1/models/echo2", method: .delete, headers: authorized) { #expect($0.status == .notFound) }
@@ -113,7 +113,7 @@ import Testing
             ) { response in
                 #expect(response.status == .created, "\(String(buffer: response.body))")
             }
-            #expect(try await host.model(named: "up")?.predict(Fixtures.json("\"x\"")).json == "\"x\"")
+            #expect(try await host.model(named: "up")?.predict(FrontFixtures.json("\"x\"")).json == "\"x\"")
             let unpacked = try #require(host.model(named: "up")?.bundle.directory)
             #expect(FileManager.default.fileExists(atPath: unpacked.appendingPathComponent("handler.py").path))
             try await client.execute(uri: "/admin/v1/models/up", method: .delete, headers: authorized) { #expect($0.status == .ok) }
@@ -125,15 +125,3 @@ import Testing
     }
 }
 
-enum Fixtures {
-    static func json(_ text: String) -> JSONValue { try! JSONValue(json: text) }
-}
-
-func eventually(timeout: Duration = .seconds(20), _ condition: () -> Bool) async -> Bool {
-    let deadline = ContinuousClock.now.advanced(by: timeout)
-    while ContinuousClock.now < deadline {
-        if condition() { return true }
-        try? await Task.sleep(for: .milliseconds(50))
-    }
-    return condition()
-}

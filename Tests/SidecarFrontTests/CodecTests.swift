@@ -80,6 +80,21 @@ import Testing
         #expect(header?.message.contains("Inference-Header-Content-Length is 10") == true)
     }
 
+    @Test func grpcTimeoutHeaderUnits() {
+        func timeout(_ text: String) -> Duration? {
+            var metadata = Metadata()
+            metadata.addString(text, forKey: "grpc-timeout")
+            return Deadlines.timeout(grpc: metadata)
+        }
+        #expect(timeout("100m") == .milliseconds(100))
+        #expect(timeout("2S") == .seconds(2))
+        #expect(timeout("1M") == .seconds(60))
+        #expect(timeout("250u") == .microseconds(250))
+        #expect(timeout("soon") == nil)
+        #expect(timeout("5x") == nil)
+        #expect(Deadlines.timeout(grpc: Metadata()) == nil)
+    }
+
     @Test func errorsMapToStatusAndCode() {
         let cases: [(any Error, Int, String)] = [
             (SidecarError(.notFound, "x"), 404, "notFound"),

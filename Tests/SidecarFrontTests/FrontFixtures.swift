@@ -61,9 +61,21 @@ enum FrontFixtures {
         return dir
     }
 
+    static func json(_ text: String) -> JSONValue { try! JSONValue(json: text) }
+
     static func fp32Data(_ values: [Float]) -> Data {
         var data = Data()
         for v in values { withUnsafeBytes(of: v.bitPattern.littleEndian) { data.append(contentsOf: $0) } }
         return data
     }
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+func eventually(timeout: Duration = .seconds(20), _ condition: () -> Bool) async -> Bool {
+    let deadline = ContinuousClock.now.advanced(by: timeout)
+    while ContinuousClock.now < deadline {
+        if condition() { return true }
+        try? await Task.sleep(for: .milliseconds(50))
+    }
+    return condition()
 }

@@ -1,6 +1,8 @@
 import Foundation
 import GRPCCore
+import AsyncHTTPClient
 import GRPCNIOTransportHTTP2
+import NIOFoundationCompat
 import Sidecar
 import SidecarOIPProtocol
 import Testing
@@ -8,7 +10,8 @@ import Testing
 
 /// The gRPC services through a real server on real sockets (port 0), called with grpc-swift clients.
 @Suite(.serialized) struct GRPCFrontTests {
-    func withServer(_ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>) async throws -> Void) async throws {
+    /// Runs a server with the typed, echo and slow models; `body` gets a gRPC client and the HTTP port.
+    func withServer(_ body: @Sendable (GRPCClient<HTTP2ClientTransport.Posix>, Int) async throws -> Void) async throws {
         var configuration = ServerConfiguration()
         configuration.models = [try FrontFixtures.typedModel().path, try FrontFixtures.echoModel().path, try FrontFixtures.slowModel().path]
         configuration.httpPort = 0
@@ -16,13 +19,14 @@ import Testing
         configuration.adminPort = nil
         configuration.maxGRPCMessageBytes = 1 << 20
         configuration.hostOptions = FrontFixtures.hostOptions
-        let (ports, sink) = AsyncStream.makeStream(of: Int.self)
+        let (ports, sink) = AsyncStream.makeStream(of: ListeningPorts.self)
         let server = Task { [configuration] in
-            try await runServer(configuration, logger: FrontFixtures.logger) { ports in sink.yield(ports.grpc) }
+            try await runServer(configuration, logger: FrontFixtures.logger) { ports in sink.yield(ports) }
         }
         defer { server.cancel() }
         var iterator = ports.makeAsyncIterator()
-        let port = try #require(await iterator.next())
+        let listening = try #require(await iterator.next())
+        let port = listening.grpc
         try await withGRPCClient(
             transport: .http2NIOPosix(target: .ipv4(address: "127.0.0.1", port: port), transportSecurity: .plaintext)
         ) { client in
@@ -32,7 +36,7 @@ import Testing
                 guard ContinuousClock.now < deadline else { Issue.record("server never became ready"); return }
                 try await Task.sleep(for: .milliseconds(100))
             }
-            try await body(client)
+            try await body(client, listening.http)
         }
         server.cancel()
         _ = await server.result
@@ -48,7 +52,7 @@ import Testing
     }
 
     @Test func inferenceService() async throws {
-        try await withServer { client in
+        try await withServer { client, _ in
             let inference = Inference_GRPCInferenceService.Client(wrapping: client)
             #expect(try await inference.serverLive(.init()).live)
             #expect(try await inference.modelReady(.with { $0.name = "typed" }).ready)
@@ -88,7 +92,7 @@ import Testing
     }
 
     @Test func deadlinesAnswerDeadlineExceeded() async throws {
-        try await withServer { client in
+        try await withServer { client, httpPort in
             let inference = Inference_GRPCInferenceService.Client(wrapping: client)
             var slow = Inference_ModelInferRequest.with {
                 $0.modelName = "slow"
@@ -98,12 +102,26 @@ import Testing
             slow.parameters["timeout"] = .with { $0.int64Param = 100_000 }
             let error = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow) }
             #expect(error?.code == .deadlineExceeded, "\(String(describing: error))")
-            // A gRPC deadline.
+            // A gRPC deadline. The client enforces it too, so what shows the server honours it is
+            // that the expired request never runs (its deadline, and grpc-swift's cancellation at the
+            // deadline, both withdraw it): fill the worker's window with two half-second batches, queue
+            // one with a 100 ms deadline behind them, and count what the worker ran.
             slow.parameters = [:]
+            let plain = slow
+            let first = Task { try await inference.modelInfer(plain) }
+            try await Task.sleep(for: .milliseconds(100))
+            let second = Task { try await inference.modelInfer(plain) }
+            try await Task.sleep(for: .milliseconds(100))
             var options = CallOptions.defaults
             options.timeout = .milliseconds(100)
             let late = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow, options: options) }
             #expect(late?.code == .deadlineExceeded)
+            _ = try await (first.value, second.value)
+            try await Task.sleep(for: .milliseconds(700))  // past when the expired one would have finished
+            let status = try await HTTPClient.shared.execute(HTTPClientRequest(url: "http://127.0.0.1:\(httpPort)/status/slow"), timeout: .seconds(10))
+            let body = try JSONSerialization.jsonObject(with: Data(buffer: try await status.body.collect(upTo: 1 << 20))) as? [String: Any]
+            let served = (body?["workers"] as? [[String: Any]])?.reduce(0) { $0 + ($1["items_served"] as? Int ?? 0) }
+            #expect(served == 3, "the parameter-timeout request and the two plain ones; not the expired one")
             // Negative timeouts are refused.
             slow.parameters["timeout"] = .with { $0.int64Param = -1 }
             let bad = await #expect(throws: RPCError.self) { try await inference.modelInfer(slow) }
@@ -112,7 +130,7 @@ import Testing
     }
 
     @Test func errorsCarryTheRightCodes() async throws {
-        try await withServer { client in
+        try await withServer { client, _ in
             let inference = Inference_GRPCInferenceService.Client(wrapping: client)
             let cases: [(Inference_ModelInferRequest, RPCError.Code, String)] = [
                 (Self.request([1, 2, 3, 4], model: "nope"), .notFound, "no model named 'nope'"),
@@ -132,7 +150,7 @@ import Testing
     }
 
     @Test func streamingAnswersEveryRequest() async throws {
-        try await withServer { client in
+        try await withServer { client, _ in
             let inference = Inference_GRPCInferenceService.Client(wrapping: client)
             let answers = try await inference.modelStreamInfer(
                 requestProducer: { writer in
@@ -155,7 +173,7 @@ import Testing
     }
 
     @Test func healthService() async throws {
-        try await withServer { client in
+        try await withServer { client, _ in
             let health = Grpc_Health_V1_Health.Client(wrapping: client)
             #expect(try await health.check(.with { $0.service = "" }).status == .serving)
             #expect(try await health.check(.with { $0.service = "typed" }).status == .serving)

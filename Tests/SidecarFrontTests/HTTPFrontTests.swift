@@ -172,9 +172,17 @@ import Testing
                     #expect(workers.count == 1)
                     #expect((workers.first?["pid"] as? Int ?? 0) > 0)
                     #expect(["ready", "busy"].contains(workers.first?["state"] as? String ?? ""))
-                    #expect((workers.first?["rss_bytes"] as? Int).map { $0 > 0 } ?? true)
                 }
             }
+            // RSS is sampled at each ping (every second): it shows up shortly after start.
+            var rss: Int?
+            for _ in 0..<60 where rss == nil {
+                try await client.execute(uri: "/status/echo", method: .get) { response in
+                    rss = ((try json(response)["workers"] as? [[String: Any]])?.first?["rss_bytes"] as? Int)
+                }
+                if rss == nil { try await Task.sleep(for: .milliseconds(100)) }
+            }
+            #expect((rss ?? 0) > 1 << 20, "a Python worker's resident memory, in bytes")
             try await client.execute(uri: "/v1/models/echo:predict", method: .post, body: ByteBuffer(string: #"{"instances": [1, 2]}"#)) { _ in }
             try await client.execute(uri: "/status/echo", method: .get) { response in
                 let body = try json(response)
@@ -195,6 +203,9 @@ import Testing
                 #expect(text.contains(#"sidecar_batch_size_bucket{model="echo""#))
                 #expect(text.contains(#"sidecar_workers{model="typed",state="ready"} 1"#))
                 #expect(text.contains(#"sidecar_queue_depth{model="echo"}"#))
+                #expect(text.contains(#"sidecar_model_failed{model="echo"} 0.0"#))
+                #expect(text.contains(#"sidecar_worker_items_served{model="echo",worker="0"} 1.0"#))
+                #expect(text.contains(#"sidecar_worker_rss_bytes{model="echo",worker="0"}"#))
             }
         }
     }

@@ -196,7 +196,7 @@ final class Batcher: Sendable {
                     : "model '\(modelName)' queue is full (\(state.queuedItems) of \(maxQueue) items, batching.max_queue); retry later"
                 return .failure(SidecarError(.queueFull, message))
             }
-            if let deadline = request.deadline, deadline <= .now { return .failure(expired(request)) }
+            if let deadline = request.deadline, deadline <= .now { return .failure(deadlineError(for: request)) }
             guard request.attach(continuation) else { return .failure(CancellationError()) }
             state.queue.append(Chunk(request: request, range: 0..<count))
             state.queuedItems += count
@@ -215,7 +215,7 @@ final class Batcher: Sendable {
         }
     }
 
-    private func expired(_ request: PendingRequest) -> SidecarError {
+    private func deadlineError(for request: PendingRequest) -> SidecarError {
         let waited = ContinuousClock.now - request.enqueuedAt
         let budget = request.deadline.map { $0 - request.enqueuedAt } ?? .zero
         return SidecarError(
@@ -224,10 +224,7 @@ final class Batcher: Sendable {
                 + "allow more time (gRPC deadline, OIP 'timeout' parameter, Sidecar-Timeout-Ms header, or timeouts.request_timeout_s)")
     }
 
-    private static func milliseconds(_ duration: Duration) -> Int {
-        let c = duration.components
-        return max(0, Int((Double(c.seconds) * 1000 + Double(c.attoseconds) / 1e15).rounded()))
-    }
+    private static func milliseconds(_ duration: Duration) -> Int { max(0, Int(duration.inMilliseconds.rounded())) }
 
     private func cancel(_ request: PendingRequest) {
         guard request.abort(with: CancellationError()) else { return }
@@ -256,7 +253,7 @@ final class Batcher: Sendable {
                 // More left than this batch took: let another free worker have it.
                 return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
             }
-            for request in expired { request.abort(with: self.expired(request)) }
+            for request in expired { request.abort(with: deadlineError(for: request)) }
             switch step {
             case .batch(let job, let wake):
                 wake?.resume()
@@ -264,8 +261,7 @@ final class Batcher: Sendable {
                 let now = ContinuousClock.now
                 for chunk in job.chunks {
                     let waited = now - chunk.request.enqueuedAt
-                    let c = waited.components
-                    queueWait.recordNanoseconds(c.seconds * 1_000_000_000 + c.attoseconds / 1_000_000_000)
+                    queueWait.recordNanoseconds(waited.inNanoseconds)
                     recentQueueWaits.record(waited, at: now)
                 }
                 return job
@@ -498,7 +494,7 @@ final class Batcher: Sendable {
             return due
         }
         guard !due.isEmpty else { return }
-        for request in due { request.abort(with: expired(request)) }
+        for request in due { request.abort(with: deadlineError(for: request)) }
         state.withLock { $0.dropFinished() }
     }
 

@@ -24,8 +24,7 @@ final class LatencyWindow: Sendable {
     private func second(_ instant: ContinuousClock.Instant) -> Int64 { (instant - origin).components.seconds }
 
     func record(_ latency: Duration, at now: ContinuousClock.Instant = .now) {
-        let c = latency.components
-        let value = Double(c.seconds) + Double(c.attoseconds) / 1e18
+        let value = latency.inSeconds
         let bin = value <= Self.base ? 0 : Swift.min(Self.bins - 1, Int((value / Self.base).logarithm(Self.growth)) + 1)
         let s = second(now)
         buckets.withLock { buckets in
@@ -50,7 +49,7 @@ final class LatencyWindow: Sendable {
         }
         // The current second is partial: count it as the fraction elapsed so far.
         let elapsed = (now - origin) - .seconds(s)
-        let covered = Double(span - 1) + Double(elapsed.components.attoseconds) / 1e18 + Double(elapsed.components.seconds)
+        let covered = Double(span - 1) + elapsed.inSeconds
         let rate = Double(count) / Swift.max(covered, 0.001)
         guard count > 0 else { return (rate, nil) }
         var target = Int((Double(count) * 0.99).rounded(.up))

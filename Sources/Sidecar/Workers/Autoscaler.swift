@@ -84,8 +84,5 @@ struct Autoscaler: Sendable {
         }
     }
 
-    private static func ms(_ duration: Duration) -> Int {
-        let c = duration.components
-        return Int(c.seconds) * 1000 + Int(c.attoseconds / 1_000_000_000_000_000)
-    }
+    private static func ms(_ duration: Duration) -> Int { Int(duration.inMilliseconds) }
 }

@@ -402,8 +402,7 @@ final class WorkerPool: Executor {
                     failuresInARow = exit.becameReady ? 0 : failuresInARow + 1
                     // Exponential backoff with jitter, so a crash loop does not spin and replacements of
                     // several workers do not start in lockstep.
-                    let cap = Double(policy.maxBackoff.components.seconds) + Double(policy.maxBackoff.components.attoseconds) / 1e18
-                    let delay = min(cap, 0.1 * pow(2.0, Double(failuresInARow))) * Double.random(in: 0.5...1.0)
+                    let delay = min(policy.maxBackoff.inSeconds, 0.1 * pow(2.0, Double(failuresInARow))) * Double.random(in: 0.5...1.0)
                     group.addTask {
                         try? await Task.sleep(for: .milliseconds(Int(delay * 1000)))
                         sink.yield(.restart)

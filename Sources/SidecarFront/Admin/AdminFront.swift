@@ -211,10 +211,7 @@ struct AdminModel: Encodable {
         workersTarget = workers.count
         queued = model.queuedItems
         requestsPerSecond = (traffic.requestsPerSecond * 10).rounded() / 10
-        p99Milliseconds = traffic.p99.map { d in
-            let c = d.components
-            return ((Double(c.seconds) * 1000 + Double(c.attoseconds) / 1e15) * 10).rounded() / 10
-        }
+        p99Milliseconds = traffic.p99.map { ($0.inMilliseconds * 10).rounded() / 10 }
         restarts = workers.reduce(0) { $0 + $1.restarts }
         autoscaling = model.autoscaler.map { a in
             Autoscaling(

@@ -42,9 +42,7 @@ final class FrontMetrics: Sendable {
         if let error {
             Counter(label: "sidecar_request_errors_total", dimensions: labels + [("code", error.metricLabel)]).increment()
         }
-        let elapsed = (ContinuousClock.now - start).components
-        Metrics.Timer(label: "sidecar_request_seconds", dimensions: labels)
-            .recordNanoseconds(elapsed.seconds * 1_000_000_000 + elapsed.attoseconds / 1_000_000_000)
+        Metrics.Timer(label: "sidecar_request_seconds", dimensions: labels).recordNanoseconds((ContinuousClock.now - start).inNanoseconds)
     }
 
     /// The gauges read from the host at each scrape, with their `# HELP` text.

@@ -52,10 +52,9 @@ public enum ServerConfigurationFile {
             case "admin_token_file":
                 guard let file = v.string, !file.isEmpty else { throw fail(key, "a file path") }
                 let resolved = file.hasPrefix("/") ? file : base.appendingPathComponent(file).path
-                guard let text = try? String(contentsOfFile: resolved, encoding: .utf8),
-                      let token = text.split(whereSeparator: \.isNewline).first.map({ $0.trimmingCharacters(in: .whitespaces) }), !token.isEmpty
-                else { throw SidecarError(.invalidModel, "\(path): admin_token_file \(resolved) cannot be read or is empty") }
-                configuration.adminToken = token
+                do { configuration.adminToken = try readAdminToken(file: resolved) } catch let error as SidecarError {
+                    throw SidecarError(.invalidModel, "\(path): admin_token_file: \(error.message)")
+                }
             case "bundle_dir":
                 guard let dir = v.string, !dir.isEmpty else { throw fail(key, "a directory path") }
                 configuration.bundleDirectory = URL(fileURLWithPath: dir.hasPrefix("/") ? dir : base.appendingPathComponent(dir).path)
@@ -67,4 +66,15 @@ public enum ServerConfigurationFile {
             environment: EnvironmentOptions(cacheDirectory: cacheDir.map { URL(fileURLWithPath: $0) }, pipArgs: pipArgs))
         return configuration
     }
+}
+
+/// The admin token held in `file`: its first line, trimmed. An unreadable or empty file is an error,
+/// never "no token" (that would silently leave the admin API open).
+public func readAdminToken(file: String) throws -> String {
+    guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+        throw SidecarError(.invalidModel, "cannot read the admin token file \(file)")
+    }
+    let token = text.split(whereSeparator: \.isNewline).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
+    guard !token.isEmpty else { throw SidecarError(.invalidModel, "the admin token file \(file) is empty") }
+    return token
 }
