@@ -55,19 +55,21 @@ def _decode_tensors(items: Sequence[pb.TensorItem]) -> DecodedItems:
 
 
 def _encode_tensors(
-    results: Sequence[Any], count: int, indices: Optional[List[int]]
-) -> Tuple[List[pb.TensorItem], List[pb.ItemError]]:
-    """One TensorItem per batch item (empty where there is no result); failures become item errors."""
-    outputs = [pb.TensorItem() for _ in range(count)]
+    results: Sequence[Any], outputs: Any, count: int, indices: Optional[List[int]]
+) -> List[pb.ItemError]:
+    """One TensorItem per batch item, added to `outputs` in place (empty where there is no result);
+    failures become item errors."""
+    items = [outputs.add() for _ in range(count)]
     errors: List[pb.ItemError] = []
     for k, result in enumerate(results):
         index = k if indices is None else indices[k]
         try:
-            outputs[index] = encode_tensor_outputs(result)
+            encode_tensor_outputs(result, items[index])
         except Exception as exc:
+            items[index].Clear()
             message = exc.message if isinstance(exc, TensorError) else f"{type(exc).__name__}: {exc}"
             errors.append(item_error(index, "NotSerializable", f"result {index} cannot be sent as tensors: {message}"))
-    return outputs, errors
+    return errors
 
 
 def _decode(batch: pb.Batch) -> DecodedItems:
@@ -96,18 +98,17 @@ def _finish(batch: pb.Batch, decoded: DecodedItems, results: Any, seconds: float
             batch_error=pb.Error(type=failure.type_name, message=failure.message),
             compute_seconds=seconds,
         )
+    result = pb.BatchResult(id=batch.id, compute_seconds=seconds)
     if tensors:
-        tensor_outputs, encode_errors = _encode_tensors(checked, len(batch.tensor_items), decoded.indices)
-        outputs = b""
+        # Built in place: a list of TensorItems passed to the constructor would be copied.
+        encode_errors = _encode_tensors(checked, result.tensor_outputs, len(batch.tensor_items), decoded.indices)
     else:
-        tensor_outputs = []
-        outputs, encode_errors = encode_outputs(checked, len(batch.items), decoded.indices)
+        result.outputs, encode_errors = encode_outputs(checked, len(batch.items), decoded.indices)
     errors = decoded.errors + encode_errors
     if decoded.errors and encode_errors:
         errors.sort(key=lambda e: e.index)
-    return pb.BatchResult(
-        id=batch.id, outputs=outputs, tensor_outputs=tensor_outputs, item_errors=errors, compute_seconds=seconds
-    )
+    result.item_errors.extend(errors)
+    return result
 
 
 def process_sync(handler: Handler, batch: pb.Batch) -> pb.BatchResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .proto import worker_pb2 as pb
 
@@ -49,13 +49,30 @@ class TensorError(Exception):
         self.message = message
 
 
+_numpy: Any = None
+# Filled with numpy itself: datatype -> np.dtype, and np.dtype -> datatype for outputs.
+_NP_DTYPES: Dict[str, Any] = {}
+_NP_DATATYPES: Dict[Any, str] = {}
+
+
 def load_numpy() -> Any:
-    """The numpy module, or `TensorError` ``MissingNumpy`` when the model's environment lacks it."""
-    try:
-        import numpy
-    except ImportError:
-        raise TensorError("MissingNumpy", MISSING_NUMPY) from None
-    return numpy
+    """The numpy module, or `TensorError` ``MissingNumpy`` when the model's environment lacks it.
+
+    Cached in a global: an ``import`` statement costs microseconds even when the module is loaded,
+    and this runs for every tensor of every item.
+    """
+    global _numpy
+    if _numpy is None:
+        try:
+            import numpy
+        except ImportError:
+            raise TensorError("MissingNumpy", MISSING_NUMPY) from None
+        for datatype, code in _DTYPES.items():
+            dtype = numpy.dtype(code)
+            _NP_DTYPES[datatype] = dtype
+            _NP_DATATYPES[dtype] = datatype
+        _numpy = numpy
+    return _numpy
 
 
 def _invalid(tensor: pb.Tensor, problem: str) -> TensorError:
@@ -89,31 +106,31 @@ def _decode_bytes(np: Any, tensor: pb.Tensor, count: int) -> Any:
 
 def decode_tensor(np: Any, tensor: pb.Tensor) -> Any:
     """One input tensor as an ndarray of its shape; `TensorError` ``InvalidTensor`` if inconsistent."""
-    if any(dim < 0 for dim in tensor.shape):
+    shape = tuple(tensor.shape)
+    if shape and min(shape) < 0:
         raise _invalid(tensor, "negative dimension in shape")
-    count = math.prod(tensor.shape)
-    if tensor.datatype == "BYTES":
-        flat = _decode_bytes(np, tensor, count)
-    else:
-        code = _DTYPES.get(tensor.datatype)
-        if code is None:
-            raise _invalid(tensor, f"unknown datatype {tensor.datatype!r}")
-        dtype = np.dtype(code)
-        expected = count * dtype.itemsize
-        if len(tensor.data) != expected:
-            raise _invalid(tensor, f"expected {expected} bytes ({count} elements × {dtype.itemsize} bytes)")
-        flat = np.frombuffer(tensor.data, dtype=dtype)
-    return flat.reshape(tuple(tensor.shape))
+    count = math.prod(shape)
+    datatype = tensor.datatype
+    if datatype == "BYTES":
+        return _decode_bytes(np, tensor, count).reshape(shape)
+    dtype = _NP_DTYPES.get(datatype)
+    if dtype is None:
+        raise _invalid(tensor, f"unknown datatype {datatype!r}")
+    data = tensor.data
+    if len(data) != count * dtype.itemsize:
+        raise _invalid(tensor, f"expected {count * dtype.itemsize} bytes ({count} elements × {dtype.itemsize} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def decode_tensor_item(item: pb.TensorItem) -> Dict[str, Any]:
     """The item's input tensors as a dict name -> ndarray; raises `TensorError`."""
-    np = load_numpy()
+    np = _numpy if _numpy is not None else load_numpy()
     inputs: Dict[str, Any] = {}
     for tensor in item.tensors:
-        if tensor.name in inputs:
+        name = tensor.name
+        if name in inputs:
             raise _invalid(tensor, "duplicate input name")
-        inputs[tensor.name] = decode_tensor(np, tensor)
+        inputs[name] = decode_tensor(np, tensor)
     return inputs
 
 
@@ -138,31 +155,41 @@ def _encode_element(element: Any) -> bytes:
     raise TypeError(f"BYTES elements must be str or bytes, got {type(element).__name__}")
 
 
-def encode_tensor(np: Any, name: str, value: Any) -> pb.Tensor:
-    array = np.asarray(value)
+def encode_tensor(np: Any, name: str, value: Any, into: pb.TensorItem) -> None:
+    """Appends `value` as tensor `name` to `into` (built in place: assigning a message copies it)."""
+    array = value if type(value) is np.ndarray else np.asarray(value)
     if array.dtype.kind == "S" and not isinstance(value, np.ndarray):
         # numpy's fixed-width bytes drop trailing NUL bytes: keep Python bytes objects as they are.
         array = np.asarray(value, dtype=object)
-    shape = list(array.shape)
-    if array.dtype.kind in "USO":
+    dtype = array.dtype
+    if dtype.kind in "USO":
         parts: List[bytes] = []
         for element in array.ravel(order="C").tolist():
             encoded = _encode_element(element)
             parts += (_LENGTH.pack(len(encoded)), encoded)
-        return pb.Tensor(name=name, datatype="BYTES", shape=shape, data=b"".join(parts))
-    datatype = _DATATYPES.get((array.dtype.kind, array.dtype.itemsize))
+        into.tensors.add(name=name, datatype="BYTES", shape=array.shape, data=b"".join(parts))
+        return
+    datatype = _NP_DATATYPES.get(dtype)
     if datatype is None:
-        raise TensorError("NotSerializable", f"output {name!r} has dtype {array.dtype}, which no tensor datatype holds")
-    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C")
-    return pb.Tensor(name=name, datatype=datatype, shape=shape, data=data)
+        datatype = _DATATYPES.get((dtype.kind, dtype.itemsize))
+        if datatype is None:
+            raise TensorError("NotSerializable", f"output {name!r} has dtype {dtype}, which no tensor datatype holds")
+        array = array.astype(dtype.newbyteorder("<"), copy=False)  # big-endian or otherwise unusual
+    into.tensors.add(name=name, datatype=datatype, shape=array.shape, data=array.tobytes(order="C"))
 
 
-def encode_tensor_outputs(result: Any) -> pb.TensorItem:
-    """One item's result: a dict name -> array-like, or one array-like (a tensor named "")."""
-    np = load_numpy()
+def encode_tensor_outputs(result: Any, into: Optional[pb.TensorItem] = None) -> pb.TensorItem:
+    """One item's result, a dict name -> array-like or one array-like (a tensor named ""), appended
+    to `into` (a new TensorItem if None), which is returned."""
+    np = _numpy if _numpy is not None else load_numpy()
+    if into is None:
+        into = pb.TensorItem()
     if isinstance(result, dict):
         for name in result:
             if not isinstance(name, str):
                 raise TensorError("NotSerializable", f"output names must be str, got {type(name).__name__}")
-        return pb.TensorItem(tensors=[encode_tensor(np, name, value) for name, value in result.items()])
-    return pb.TensorItem(tensors=[encode_tensor(np, "", result)])
+        for name, value in result.items():
+            encode_tensor(np, name, value, into)
+    else:
+        encode_tensor(np, "", result, into)
+    return into

@@ -243,6 +243,7 @@ def test_async_handler():
 
 def test_missing_numpy_fails_every_item(monkeypatch):
     monkeypatch.setitem(sys.modules, "numpy", None)  # makes `import numpy` raise ImportError
+    monkeypatch.setattr(tensors, "_numpy", None)  # forget the cached module
 
     def predict(items):
         raise AssertionError("predict must not be called")
