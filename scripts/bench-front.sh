@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The network front under load (release build): wrk over HTTP (32 connections, a small OIP JSON
 # request) and h2load over gRPC (8 connections × 16 streams, ModelInfer), against the echo model with
-# 2 workers, load generator on the same machine. Prints req/s, p50 and p99 for each.
+# 2 workers, load generator on the same machine. Prints req/s, p50 and p99 for each, then the same
+# loads against the same server started with --benchmark-echo (items answered in Swift, no Python):
+# the front's own ceiling on this machine, to read the first lines against.
 #
 #   scripts/bench-front.sh            # DUR=10 seconds per load by default
 #
@@ -20,25 +22,37 @@ venv="$root/.build/e2e-venv"
 "$venv/bin/python" -c "import tritonclient.grpc, numpy" 2>/dev/null || "$venv/bin/pip" install -q "tritonclient[grpc]" numpy
 
 work=$(mktemp -d)
-.build/release/sidecar serve Examples/echo --workers 2 --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning >"$work/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
-curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" || { echo "server not ready"; cat "$work/server.log"; exit 1; }
+server=
+trap '[ -n "$server" ] && kill $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+"$venv/bin/python" scripts/bench/grpc_body.py echo "$work/body"
+
+# One server, both loads; $1 labels the lines, the rest are extra `sidecar serve` arguments.
+measure() {
+  local label=$1; shift
+  .build/release/sidecar serve Examples/echo --workers 2 --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning "$@" >"$work/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
+  curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" || { echo "server not ready"; cat "$work/server.log"; exit 1; }
+  # Warm up both paths.
+  wrk -t1 -c32 -d2s -s scripts/bench/infer.lua "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" >/dev/null 2>&1
+  h2load -D 2 -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" >/dev/null 2>&1
+  local out rps p50 p99 non ok failed lat
+  out=$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" 2>&1)
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}'); p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  non=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  echo "$label http  wrk 32 connections       req/s=$rps p50=$p50 p99=$p99 non-2xx=${non:-0}"
+  out=$(h2load -D ${D} -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" 2>&1)
+  rps=$(echo "$out" | grep -E 'finished in' | sed 's/.*, \([0-9.]*\) req\/s.*/\1/')
+  ok=$(echo "$out" | awk '/^requests:/ {print $8}'); failed=$(echo "$out" | awk '/^requests:/ {print $10}')
+  lat=$(echo "$out" | awk '/^time for request:/ {print "min="$4" max="$5" mean="$6}')
+  echo "$label grpc  h2load 8 conns × 16 streams req/s=$rps succeeded=$ok failed=$failed time-for-request: $lat"
+  curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk -v l="$label" '/^sidecar_batch_size_(sum|count)\{model="echo"\}/ {v[$1]=$2} END {for (k in v) s=s" "k"="v[k]; print l" batches:" s}'
+  kill $server; wait $server 2>/dev/null; server=
+}
 
 echo "Sidecar front benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, echo model, 2 workers, ${D}s per load"
-# Warm up both paths.
-wrk -t1 -c32 -d2s -s scripts/bench/infer.lua "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" >/dev/null 2>&1
-out=$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" 2>&1)
-rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}'); p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-non=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-echo "http  wrk 32 connections     req/s=$rps p50=$p50 p99=$p99 non-2xx=${non:-0}   (target ≥ 24000 req/s, p99 ≤ 5 ms)"
-
-"$venv/bin/python" scripts/bench/grpc_body.py echo "$work/body"
-h2load -D 2 -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" >/dev/null 2>&1
-out=$(h2load -D ${D} -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" 2>&1)
-rps=$(echo "$out" | grep -E 'finished in' | sed 's/.*, \([0-9.]*\) req\/s.*/\1/')
-ok=$(echo "$out" | awk '/^requests:/ {print $8}'); failed=$(echo "$out" | awk '/^requests:/ {print $10}')
-lat=$(echo "$out" | awk '/^time for request:/ {print "min="$4" max="$5" mean="$6}')
-echo "grpc  h2load 8 conns × 16 streams req/s=$rps succeeded=$ok failed=$failed time-for-request: $lat   (target ≥ 30000 req/s)"
-curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk '/^sidecar_batch_size_(sum|count)\{model="echo"\}/ {v[$1]=$2} END {for (k in v) s=s" "k"="v[k]; print "batches:" s}'
+echo "targets: HTTP ≥ 24000 req/s with p99 ≤ 5 ms; gRPC ≥ 30000 req/s"
+measure sidecar
+# The same server with every item answered in Swift (--benchmark-echo): the front and the batcher
+# alone, no Python. The ceiling the line above sits under on this machine, today.
+measure front-alone --benchmark-echo

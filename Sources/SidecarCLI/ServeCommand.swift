@@ -53,6 +53,9 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .long, help: "File holding the admin API's bearer token (else $SIDECAR_ADMIN_TOKEN).")
     var adminTokenFile: String?
 
+    @Flag(name: .long, help: "Benchmarking only: answer every item with itself in Swift, starting no Python workers (measures the front alone).")
+    var benchmarkEcho = false
+
     @OptionGroup var hostArguments: HostArguments
 
     func run() async throws {
@@ -69,6 +72,7 @@ struct ServeCommand: AsyncParsableCommand {
         if let maxBodyBytes { configuration.maxBodyBytes = maxBodyBytes }
         if let maxGrpcMessageBytes { configuration.maxGRPCMessageBytes = maxGrpcMessageBytes }
         if hostArguments.cacheDir != nil || !hostArguments.pipArgs.isEmpty { configuration.hostOptions = hostArguments.hostOptions() }
+        if benchmarkEcho { configuration.hostOptions.benchmarkEcho = true }
         if let adminHost { configuration.adminHost = adminHost }
         if let adminPort { configuration.adminPort = adminPort }
         if noAdmin { configuration.adminPort = nil }

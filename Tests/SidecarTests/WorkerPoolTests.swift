@@ -28,6 +28,24 @@ import Glibc
         }
     }
 
+    /// The benchmarking executor answers every item with itself without starting Python: a handler
+    /// that would raise never runs, and there are no worker processes.
+    @Test func benchmarkEchoAnswersInSwiftWithoutWorkers() async throws {
+        let dir = try Fixtures.model(["handler.py": "def predict(batch):\n    raise RuntimeError('must not run')\n"])
+        var options = Fixtures.hostOptions
+        options.benchmarkEcho = true
+        try await withModel(at: dir.path, workers: 2, options: options, logger: Fixtures.logger) { model in
+            let items = (0..<50).map { Fixtures.json(#"{"n": \#($0)}"#) }
+            let results = try await model.predict(batch: items)
+            #expect(try results.map { try $0.get().decode([String: Int].self)["n"] } == Array(0..<50))
+            let tensor = Tensor(name: "x", datatype: .fp32, shape: [1, 2], data: Data([0, 0, 128, 63, 0, 0, 0, 64]))
+            #expect(try await model.infer([tensor]).first?.data == tensor.data)
+            #expect(model.workers.isEmpty)
+            #expect(model.isReady)
+            await #expect(throws: SidecarError.self) { try await model.scale(to: 3) }
+        }
+    }
+
     @Test func concurrentCallersEachGetTheirOwnAnswers() async throws {
         try await withTestModel(["handler.py": "def predict(batch):\n    return [{'twice': item['n'] * 2} for item in batch]\n"], workers: 2) { model in
             try await withThrowingTaskGroup(of: Void.self) { group in

@@ -10,11 +10,18 @@ public struct HostOptions: Sendable {
     public var maxMessageBytes: Int
     /// Where worker sockets go; default a fresh directory under `/tmp`.
     public var socketDirectory: URL?
+    /// Benchmarking only: models answer every item with itself in Swift (``EchoExecutor``) and start
+    /// no Python workers, so that a load test measures the front and the batcher alone.
+    public var benchmarkEcho: Bool
 
-    public init(environment: EnvironmentOptions = EnvironmentOptions(), maxMessageBytes: Int = 256 << 20, socketDirectory: URL? = nil) {
+    public init(
+        environment: EnvironmentOptions = EnvironmentOptions(), maxMessageBytes: Int = 256 << 20, socketDirectory: URL? = nil,
+        benchmarkEcho: Bool = false
+    ) {
         self.environment = environment
         self.maxMessageBytes = maxMessageBytes
         self.socketDirectory = socketDirectory
+        self.benchmarkEcho = benchmarkEcho
     }
 }
 
@@ -113,9 +120,14 @@ public final class ModelHost: Service, Sendable {
             model: modelName, python: environment.python, modelDirectory: bundle.directory, handler: config.handler,
             handlerConfig: config.handlerConfig, socketDirectory: socketDirectory, timeouts: config.timeouts,
             maxMessageBytes: options.maxMessageBytes, window: 2, recycle: config.recycle)
-        let pool = WorkerPool(
-            spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, autoscaling: config.autoscaling,
-            logger: modelLogger)
+        let pool: any Executor = options.benchmarkEcho
+            ? EchoExecutor(batcher: batcher, lanes: config.workers)
+            : WorkerPool(
+                spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, autoscaling: config.autoscaling,
+                logger: modelLogger)
+        if options.benchmarkEcho {
+            modelLogger.warning("--benchmark-echo: every item is answered with itself in Swift; the handler does not run")
+        }
         let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
