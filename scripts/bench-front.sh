@@ -3,7 +3,8 @@
 # request) and h2load over gRPC (8 connections × 16 streams, ModelInfer), against the echo model with
 # 2 workers, load generator on the same machine. Prints req/s, p50 and p99 for each, then the same
 # loads against the same server started with --benchmark-echo (items answered in Swift, no Python):
-# the front's own ceiling on this machine, to read the first lines against.
+# the front's own ceiling on this machine, to read the first lines against. Each line also gives the
+# CPU time per request of the server process and of its Python workers.
 #
 #   scripts/bench-front.sh            # DUR=10 seconds per load by default
 #
@@ -26,6 +27,14 @@ server=
 trap '[ -n "$server" ] && kill $server 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 "$venv/bin/python" scripts/bench/grpc_body.py echo "$work/body"
 
+# CPU time (clock ticks) of the server and of its worker processes, for CPU per request.
+ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+worker_ticks() { local t=0 p; for p in $(pgrep -P "$server"); do t=$((t + $(ticks "$p"))); done; echo $t; }
+cpu_per_request() { # server-ticks-before workers-ticks-before requests
+  awk -v s=$(( $(ticks "$server") - $1 )) -v w=$(( $(worker_ticks) - $2 )) -v n="$3" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { if (n > 0) printf "cpu/request: server=%.0fus workers=%.0fus", s / hz * 1e6 / n, w / hz * 1e6 / n }'
+}
+
 # One server, both loads; $1 labels the lines, the rest are extra `sidecar serve` arguments.
 measure() {
   local label=$1; shift
@@ -36,16 +45,18 @@ measure() {
   # Warm up both paths.
   wrk -t1 -c32 -d2s -s scripts/bench/infer.lua "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" >/dev/null 2>&1
   h2load -D 2 -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" >/dev/null 2>&1
-  local out rps p50 p99 non ok failed lat
+  local out rps p50 p99 non ok failed lat s0 w0
+  s0=$(ticks "$server"); w0=$(worker_ticks)
   out=$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" 2>&1)
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}'); p50=$(echo "$out" | awk '$1=="50%" {print $2}'); p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   non=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  echo "$label http  wrk 32 connections       req/s=$rps p50=$p50 p99=$p99 non-2xx=${non:-0}"
+  echo "$label http  wrk 32 connections       req/s=$rps p50=$p50 p99=$p99 non-2xx=${non:-0} $(cpu_per_request $s0 $w0 "$(echo "$out" | awk '/requests in/ {print $1}')")"
+  s0=$(ticks "$server"); w0=$(worker_ticks)
   out=$(h2load -D ${D} -c 8 -m 16 -d "$work/body" -H 'content-type: application/grpc' -H 'te: trailers' "http://127.0.0.1:$GRPC_PORT/inference.GRPCInferenceService/ModelInfer" 2>&1)
   rps=$(echo "$out" | grep -E 'finished in' | sed 's/.*, \([0-9.]*\) req\/s.*/\1/')
   ok=$(echo "$out" | awk '/^requests:/ {print $8}'); failed=$(echo "$out" | awk '/^requests:/ {print $10}')
   lat=$(echo "$out" | awk '/^time for request:/ {print "min="$4" max="$5" mean="$6}')
-  echo "$label grpc  h2load 8 conns × 16 streams req/s=$rps succeeded=$ok failed=$failed time-for-request: $lat"
+  echo "$label grpc  h2load 8 conns × 16 streams req/s=$rps succeeded=$ok failed=$failed time-for-request: $lat $(cpu_per_request $s0 $w0 "$ok")"
   curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk -v l="$label" '/^sidecar_batch_size_(sum|count)\{model="echo"\}/ {v[$1]=$2} END {for (k in v) s=s" "k"="v[k]; print l" batches:" s}'
   kill $server; wait $server 2>/dev/null; server=
 }
