@@ -197,8 +197,13 @@ import Testing
     @Test func metricsExposition() async throws {
         try await withFront { client in
             try await client.execute(uri: "/v1/models/echo:predict", method: .post, body: ByteBuffer(string: #"{"instances": [1]}"#)) { _ in }
+            try await client.execute(uri: "/v1/models/made-up-4711:predict", method: .post, body: ByteBuffer(string: #"{"instances": [1]}"#)) {
+                #expect($0.status == .notFound)
+            }
             try await client.execute(uri: "/metrics", method: .get) { response in
                 let text = String(buffer: response.body)
+                #expect(!text.contains("made-up-4711"), "an unknown model's name must not become a label")
+                #expect(text.contains(#"sidecar_request_errors_total{model="_unknown",protocol="kserve_v1",code="not_found"}"#))
                 #expect(text.contains(#"sidecar_requests_total{model="echo",protocol="kserve_v1"}"#))
                 #expect(text.contains(#"sidecar_batch_size_bucket{model="echo""#))
                 #expect(text.contains(#"sidecar_workers{model="typed",state="ready"} 1"#))

@@ -35,9 +35,14 @@ final class FrontMetrics: Sendable {
 
     private init(registry: PrometheusCollectorRegistry) { self.registry = registry }
 
+    /// The `model` label of requests naming a model that is not loaded.
+    static let unknownModel = "_unknown"
+
     /// Counts one request and its latency; `error` is nil when it succeeded.
     func record(model: String, protocol proto: String, since start: ContinuousClock.Instant, error: FrontError?) {
-        let labels = [("model", model), ("protocol", proto)]
+        // Requests for models (or versions) that do not exist share one label: a client sending
+        // made-up names must not grow the registry, and the /metrics page, without bound.
+        let labels = [("model", error?.code == .notFound ? Self.unknownModel : model), ("protocol", proto)]
         Counter(label: "sidecar_requests_total", dimensions: labels).increment()
         if let error {
             Counter(label: "sidecar_request_errors_total", dimensions: labels + [("code", error.metricLabel)]).increment()
