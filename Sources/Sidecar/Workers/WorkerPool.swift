@@ -39,8 +39,10 @@ final class WorkerPool: Executor {
         var slots: [Int: AsyncStream<SlotEvent>.Continuation] = [:]
         /// Each slot's history (restarts, last error, what its past processes served) ...
         var statuses: [Int: LockedBox<WorkerStatus>] = [:]
-        /// ... and the status of the process serving it now.
+        /// ... and the status of the process serving it now ...
         var live: [Int: LockedBox<WorkerStatus>] = [:]
+        /// ... and of recycled processes still finishing their batches (they count until they exit).
+        var draining: [Int: [LockedBox<WorkerStatus>]] = [:]
         var readySlots = Set<Int>()
         var initialSize: Int
         var readiness: Result<Void, SidecarError>?
@@ -76,12 +78,20 @@ final class WorkerPool: Executor {
     }
 
     var workers: [WorkerStatus] {
-        let boxes = state.withLock { state in
-            state.statuses.sorted { $0.key < $1.key }.map { ($0.value, state.live[$0.key]) }
+        // One snapshot under the pool's lock (boxes are only ever locked inside it, never the other
+        // way round), so that counts moving from a draining worker into the history are seen once.
+        let slots = state.withLock { state in
+            state.statuses.sorted { $0.key < $1.key }.map { key, history in
+                (history.withLock { $0 }, state.live[key]?.withLock { $0 }, (state.draining[key] ?? []).map { $0.withLock { $0 } })
+            }
         }
-        return boxes.map { slot, live in
-            var merged = slot.withLock { $0 }
-            guard let process = live?.withLock({ $0 }) else { return merged }
+        return slots.map { history, process, draining in
+            var merged = history
+            for leaving in draining {
+                merged.batchesServed += leaving.batchesServed
+                merged.itemsServed += leaving.itemsServed
+            }
+            guard let process else { return merged }
             merged.state = process.state
             merged.pid = process.pid
             merged.inFlight = process.inFlight
@@ -93,18 +103,39 @@ final class WorkerPool: Executor {
         }
     }
 
-    /// Makes `worker` the one a slot's status shows; the served counts of the one it replaces move
-    /// into the slot's history.
-    private func show(_ worker: WorkerProcess?, in slot: Int, history: LockedBox<WorkerStatus>) {
-        let previous: WorkerStatus? = state.withLock { state in
-            defer { state.live[slot] = worker?.status }
-            return state.live[slot]?.withLock { $0 }
+    /// Makes a recycled worker's successor the one a slot's status shows. The old worker still
+    /// finishes its batches: its status keeps counting until it exits (``retired(_:in:history:)``).
+    private func handOver(to worker: WorkerProcess, in slot: Int) {
+        state.withLock { state in
+            if let old = state.live[slot] { state.draining[slot, default: []].append(old) }
+            state.live[slot] = worker.status
         }
-        guard let previous else { return }
-        history.withLock {
-            $0.batchesServed += previous.batchesServed
-            $0.itemsServed += previous.itemsServed
-            $0.pythonVersion = previous.pythonVersion ?? $0.pythonVersion
+    }
+
+    /// A recycled worker finished draining and exited: what it served moves into the slot's history.
+    private func retired(_ worker: WorkerProcess, in slot: Int, history: LockedBox<WorkerStatus>) {
+        state.withLock { state in
+            guard let index = state.draining[slot]?.firstIndex(where: { $0 === worker.status }) else { return }
+            state.draining[slot]?.remove(at: index)
+            let final = worker.status.withLock { ($0.batchesServed, $0.itemsServed) }
+            history.withLock {
+                $0.batchesServed += final.0
+                $0.itemsServed += final.1
+            }
+        }
+    }
+
+    /// Makes `worker` the one a slot's status shows; the served counts of the one it replaces (which
+    /// has exited) move into the slot's history.
+    private func show(_ worker: WorkerProcess?, in slot: Int, history: LockedBox<WorkerStatus>) {
+        state.withLock { state in
+            defer { state.live[slot] = worker?.status }
+            guard let previous = state.live[slot]?.withLock({ $0 }) else { return }
+            history.withLock {
+                $0.batchesServed += previous.batchesServed
+                $0.itemsServed += previous.itemsServed
+                $0.pythonVersion = previous.pythonVersion ?? $0.pythonVersion
+            }
         }
     }
 
@@ -335,7 +366,7 @@ final class WorkerPool: Executor {
                         workers[old]?.retire()
                         current = generation
                         incoming = nil
-                        show(workers[generation], in: slot, history: status)
+                        if let successor = workers[generation] { handOver(to: successor, in: slot) }
                         status.withLock { $0.recycles += 1 }
                     }
                     if generation == current { slotReady(slot) }
@@ -363,7 +394,10 @@ final class WorkerPool: Executor {
                         if !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
                         break
                     }
-                    guard generation == current else { break }  // a retired worker finished draining
+                    guard generation == current else {  // a recycled worker finished draining
+                        retired(worker, in: slot, history: status)
+                        break
+                    }
                     current = nil
                     show(nil, in: slot, history: status)
                     if exit.retired || isStopping || leaving { break }
