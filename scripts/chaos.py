@@ -25,6 +25,7 @@ Importable: Tests/e2e/test_faults.py calls the scenario functions and asserts on
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -40,7 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -589,6 +590,20 @@ def readiness_probe(server: "Sidecar", model: str) -> Callable[[], str]:
 # --------------------------------------------------------------------------------------- scenarios
 
 
+@contextlib.contextmanager
+def observed(server: "Sidecar", result: Result) -> Iterator[None]:
+    """Runs a scenario's body against a started `server`: an exception becomes one of the result's
+    problems (a scenario reports, never raises), and the server is stopped and its log kept."""
+    try:
+        server.start()
+        yield
+    except Exception as error:  # noqa: BLE001 - a scenario reports, never raises
+        result.problems.append(f"error: {error!r}"[:2000])
+    finally:
+        server.stop()
+        result.log_tail = server.log_tail()
+
+
 def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float = 0.5) -> Result:
     """SIGKILL a random worker every `kill_every` s under steady load: the batches a killed worker
     held are dispatched again, so no client sees a failure or loses a request."""
@@ -598,8 +613,7 @@ def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float 
         # must not trip it, because a SIGKILL from outside is not the model's failure.
         model = copy_model(FAULTY_MODEL, Path(tmp))
         server = Sidecar([model], Path(tmp))
-        try:
-            server.start()
+        with observed(server, result):
             rng = random.Random(9)
             kills, skipped, sources = 0, 0, Counter()
             poll = Poll(readiness_probe(server, "faulty"), interval=0.1)
@@ -633,11 +647,6 @@ def scenario_kill9(duration: float = 20.0, clients: int = 16, kill_every: float 
             result.expect(result.ok > 0, "no request succeeded")
             after = server.get("/v2/models/faulty/ready")[0]
             result.expect(after == 200, f"model not ready after the kills: /v2/models/faulty/ready -> {after}")
-        except Exception as error:  # noqa: BLE001 - a scenario reports, never raises
-            result.problems.append(f"error: {error!r}"[:2000])
-        finally:
-            server.stop()
-            result.log_tail = server.log_tail()
     return result
 
 
@@ -720,8 +729,7 @@ def scenario_poison(good: int = 62, rounds: int = 2) -> Result:
         config = yaml.safe_load((model / "sidecar.yaml").read_text())
         max_retries = int(config.get("max_retries", 2))
         server = Sidecar([model], Path(tmp))
-        try:
-            server.start()
+        with observed(server, result):
             tally = Tally()
             before, _ = server.workers("faulty")
             restarts_before = sum(w.get("restarts") or 0 for w in before)
@@ -757,11 +765,6 @@ def scenario_poison(good: int = 62, rounds: int = 2) -> Result:
                 result.expect(bool(ready) and status.get("state") == "ready",
                               f"not ready 5 s after the poison: /status/faulty state {status.get('state')!r}, "
                               f"reason {status.get('reason')!r}")
-        except Exception as error:  # noqa: BLE001
-            result.problems.append(f"error: {error!r}"[:2000])
-        finally:
-            server.stop()
-            result.log_tail = server.log_tail()
     return result
 
 
@@ -829,8 +832,7 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
         faulty = copy_model(FAULTY_MODEL, Path(tmp))
         echo = copy_model(ECHO_MODEL, Path(tmp))
         server = Sidecar([faulty, echo], Path(tmp))
-        try:
-            server.start()
+        with observed(server, result):
             faulty_tally = Tally()  # faulty's own answers: anything but silence is acceptable
             with Load(server.http_port, clients, echo_items("echo")) as load, \
                     Load(server.http_port, 1, lambda rng: v1_call("faulty", rng.randrange(1000)),
@@ -908,11 +910,6 @@ def scenario_import_failure(clients: int = 4, fail_within: float = 30.0) -> Resu
                           f"`sidecar reload faulty` after removing BROKEN: {result.facts['reload']} {after.message[:200]!r}")
             if reload.returncode == 0 and after.kind == "ok":
                 result.notes.append("back after `sidecar reload`")
-        except Exception as error:  # noqa: BLE001
-            result.problems.append(f"error: {error!r}"[:2000])
-        finally:
-            server.stop()
-            result.log_tail = server.log_tail()
     return result
 
 
@@ -980,8 +977,7 @@ def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_wit
                 return v1_call("faulty", {"sleep": 0.2, "n": rng.randrange(10**6)})
             return echo_items("faulty")(rng)
 
-        try:
-            server.start()
+        with observed(server, result):
             with Load(server.http_port, clients, make, keepalive=False, rejects=frozenset({429, 503})) as load:
                 time.sleep(before)
                 server.process.send_signal(signal.SIGTERM)
@@ -1002,11 +998,6 @@ def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_wit
             result.expect(result.failed == 0, f"{result.failed} requests failed")
             result.expect(result.lost == 0, f"{result.lost} requests accepted but never answered")
             result.expect(after_term > 0, "nothing was answered after SIGTERM: were in-flight requests dropped?")
-        except Exception as error:  # noqa: BLE001
-            result.problems.append(f"error: {error!r}"[:2000])
-        finally:
-            server.stop()
-            result.log_tail = server.log_tail()
     return result
 
 
@@ -1019,8 +1010,7 @@ def scenario_overload(clients: int = 128, duration: float = 8.0, item_s: float =
         model = copy_model(FAULTY_MODEL, Path(tmp), {"workers": 1, "batching": {"max_batch_size": 4, "max_queue": max_queue}})
         capacity = 1 / item_s
         server = Sidecar([model], Path(tmp))
-        try:
-            server.start()
+        with observed(server, result):
             baseline = server.rss_mb()
             peak = baseline or 0.0
             load = Load(server.http_port, clients, lambda rng: v1_call("faulty", {"sleep": item_s, "n": rng.randrange(10**6)}))
@@ -1059,11 +1049,6 @@ def scenario_overload(clients: int = 128, duration: float = 8.0, item_s: float =
             def served() -> bool:
                 return send(server.http_port, v1_call("faulty", "after"))[0].kind == "ok"
             result.expect(bool(wait_until(served, 10, 0.2)), "no normal request succeeded within 10 s after the overload")
-        except Exception as error:  # noqa: BLE001
-            result.problems.append(f"error: {error!r}"[:2000])
-        finally:
-            server.stop()
-            result.log_tail = server.log_tail()
     return result
 
 

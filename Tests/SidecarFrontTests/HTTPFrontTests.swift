@@ -168,10 +168,12 @@ import Testing
                 for model in models {
                     #expect(model["state"] as? String == "ready")
                     #expect(model["reason"] is NSNull)
+                    #expect(model["detail"] is NSNull)
                     let workers = model["workers"] as? [[String: Any]] ?? []
                     #expect(workers.count == 1)
                     #expect((workers.first?["pid"] as? Int ?? 0) > 0)
                     #expect(["ready", "busy"].contains(workers.first?["state"] as? String ?? ""))
+                    #expect(workers.first?["last_error"] is NSNull, "a healthy worker's last_error is an explicit null")
                 }
             }
             // RSS is sampled at each ping (every second): it shows up shortly after start.

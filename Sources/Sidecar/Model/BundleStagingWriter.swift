@@ -1,12 +1,4 @@
-import Crypto
 import Foundation
-import Subprocess
-
-#if canImport(System)
-import System
-#else
-import SystemPackage
-#endif
 
 #if canImport(Glibc)
 import Glibc

@@ -171,15 +171,15 @@ struct BearerTokenMiddleware: RouterMiddleware {
 struct AdminModel: Encodable {
     var name: String
     var state: String
-    var reason: String?
+    @ExplicitNull var reason: String?
     var directory: String
     var workersReady: Int
     var workersTarget: Int
     var queued: Int
     var requestsPerSecond: Double
-    var p99Milliseconds: Double?
+    @ExplicitNull var p99Milliseconds: Double?
     var restarts: Int
-    var autoscaling: Autoscaling?
+    @ExplicitNull var autoscaling: Autoscaling?
     var workers: [StatusReport.Worker]
 
     struct Autoscaling: Encodable {
@@ -221,20 +221,4 @@ struct AdminModel: Encodable {
         self.workers = status.workers
     }
 
-    func encode(to encoder: any Encoder) throws {
-        // Explicit nulls, so scripts can rely on every key.
-        var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(name, forKey: .name)
-        try c.encode(state, forKey: .state)
-        try c.encode(reason, forKey: .reason)
-        try c.encode(directory, forKey: .directory)
-        try c.encode(workersReady, forKey: .workersReady)
-        try c.encode(workersTarget, forKey: .workersTarget)
-        try c.encode(queued, forKey: .queued)
-        try c.encode(requestsPerSecond, forKey: .requestsPerSecond)
-        try c.encode(p99Milliseconds, forKey: .p99Milliseconds)
-        try c.encode(restarts, forKey: .restarts)
-        try c.encode(autoscaling, forKey: .autoscaling)
-        try c.encode(workers, forKey: .workers)
-    }
 }

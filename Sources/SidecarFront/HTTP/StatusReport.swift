@@ -1,6 +1,22 @@
 import Foundation
 import Sidecar
 
+/// An optional that encodes as an explicit `null` rather than a missing key, so that scripts reading
+/// the status and admin JSON can rely on every key being present.
+@propertyWrapper
+struct ExplicitNull<Value: Encodable>: Encodable {
+    var wrappedValue: Value?
+
+    init(wrappedValue: Value?) { self.wrappedValue = wrappedValue }
+
+    func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        if let wrappedValue { try container.encode(wrappedValue) } else { try container.encodeNil() }
+    }
+}
+
+extension ExplicitNull: Sendable where Value: Sendable {}
+
 /// `GET /status` and `GET /status/{model}`: what the supervisor knows about each model and each of
 /// its workers, for operators and scripts (the same facts as the metrics, per worker).
 struct StatusReport: Encodable {
@@ -9,58 +25,34 @@ struct StatusReport: Encodable {
         /// loading, ready or failed.
         var state: String
         /// Why the model is FAILED (the last exit reason and the Python error), else nil.
-        var reason: String?
+        @ExplicitNull var reason: String?
         /// The Python traceback or stderr behind `reason`.
-        var detail: String?
+        @ExplicitNull var detail: String?
         var queued: Int
         var workers: [Worker]
 
         enum CodingKeys: String, CodingKey { case name, state, reason, detail, queued, workers }
 
-        func encode(to encoder: any Encoder) throws {
-            // Explicit nulls: scripts can rely on every key being present.
-            var container = encoder.container(keyedBy: CodingKeys.self)
-            try container.encode(name, forKey: .name)
-            try container.encode(state, forKey: .state)
-            try container.encode(reason, forKey: .reason)
-            try container.encode(detail, forKey: .detail)
-            try container.encode(queued, forKey: .queued)
-            try container.encode(workers, forKey: .workers)
-        }
     }
 
     struct Worker: Encodable {
         var index: Int
         var state: String
-        var pid: Int32?
+        @ExplicitNull var pid: Int32?
         var restarts: Int
         var recycles: Int
-        var lastError: String?
-        var rssBytes: Int?
+        @ExplicitNull var lastError: String?
+        @ExplicitNull var rssBytes: Int?
         var inFlight: Int
         var batchesServed: Int
         var itemsServed: Int
-        var pythonVersion: String?
+        @ExplicitNull var pythonVersion: String?
 
         enum CodingKeys: String, CodingKey {
             case index, state, pid, restarts, recycles, lastError = "last_error", rssBytes = "rss_bytes", inFlight = "in_flight"
             case batchesServed = "batches_served", itemsServed = "items_served", pythonVersion = "python_version"
         }
 
-        func encode(to encoder: any Encoder) throws {
-            var container = encoder.container(keyedBy: CodingKeys.self)
-            try container.encode(index, forKey: .index)
-            try container.encode(state, forKey: .state)
-            try container.encode(pid, forKey: .pid)
-            try container.encode(restarts, forKey: .restarts)
-            try container.encode(recycles, forKey: .recycles)
-            try container.encode(lastError, forKey: .lastError)
-            try container.encode(rssBytes, forKey: .rssBytes)
-            try container.encode(inFlight, forKey: .inFlight)
-            try container.encode(batchesServed, forKey: .batchesServed)
-            try container.encode(itemsServed, forKey: .itemsServed)
-            try container.encode(pythonVersion, forKey: .pythonVersion)
-        }
     }
 
     var models: [ModelStatus]
