@@ -116,6 +116,65 @@ import Testing
         #expect(try texts(await late) == ["5"])
     }
 
+    /// A worker that dies with two batches unanswered may have finished the first (its answer died
+    /// with it) while running the second: neither is charged, and each runs again alone.
+    @Test func batchesOfAWorkerThatDiedWithSeveralUnansweredRunAgainAloneUncharged() async throws {
+        let b = batcher(maxBatch: 10, retries: 0)
+        async let first = b.submit(items(1...2))
+        #expect(await eventually { b.queuedItems == 2 })
+        let job1 = try #require(await b.nextBatch())
+        async let second = b.submit(items(3...3))
+        #expect(await eventually { b.queuedItems == 1 })
+        let job2 = try #require(await b.nextBatch())
+        #expect(!job1.runsAlone && !job2.runsAlone)
+        b.workerDied(unanswered: [job1, job2], reason: "worker 0 exited with status 17")
+        let again1 = try #require(await b.nextBatch())
+        let again2 = try #require(await b.nextBatch())
+        #expect(again1.runsAlone && again2.runsAlone)
+        #expect(again1.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])  // not split: not blamed
+        #expect(again2.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3"])
+        #expect((again1.chunks + again2.chunks).allSatisfy { $0.attempts == 0 })
+        answer(again1)
+        // Alone, a death is blamed exactly: with max_retries 0 the lone item fails at once.
+        b.workerDied(unanswered: [again2], reason: "worker 1 exited with status 17")
+        #expect(try texts(await first) == ["1", "2"])
+        guard case .failure(let error) = try await second[0] else { Issue.record("item 3 should fail"); return }
+        #expect(error.message.contains("worker 1 exited with status 17 while running the item"))
+        #expect(b.queuedItems == 0)
+    }
+
+    /// A lone batch handed back before it reached its worker keeps running alone.
+    @Test func aLoneBatchGivenBackStaysAlone() async throws {
+        let b = batcher(maxBatch: 10)
+        async let results = b.submit(items(1...1))
+        let job = try #require(await b.nextBatch())
+        b.workerDied(job, reason: "worker 0 was killed by signal 9")
+        let alone = try #require(await b.nextBatch())
+        #expect(alone.runsAlone)
+        b.giveBack(alone)
+        let again = try #require(await b.nextBatch())
+        #expect(again.runsAlone && again.chunks[0].attempts == 1)
+        answer(again)
+        #expect(try texts(await results) == ["1"])
+    }
+
+    @Test func retryFalseFailsEveryUnansweredBatchOfADeadWorker() async throws {
+        var batching = ModelConfiguration.Batching()
+        batching.maxBatchSize = 10
+        let b = Batcher(modelName: "t", batching: batching, maxRetries: 2, retry: false)
+        async let first = b.submit(items(1...1))
+        let job1 = try #require(await b.nextBatch())
+        async let second = b.submit(items(2...2))
+        let job2 = try #require(await b.nextBatch())
+        b.workerDied(unanswered: [job1, job2], reason: "worker 0 exited with status 1")
+        for result in try await first + second {
+            guard case .failure(let error) = result else { Issue.record("expected a failure"); continue }
+            #expect(error.message.contains("any of them may have been running"))
+            #expect(error.message.contains("retry: false"))
+        }
+        #expect(b.queuedItems == 0)
+    }
+
     @Test func retryFalseFailsTheItemsOfADeadWorkerAtOnce() async throws {
         var batching = ModelConfiguration.Batching()
         batching.maxBatchSize = 10

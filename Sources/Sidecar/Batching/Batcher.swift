@@ -26,6 +26,9 @@ struct BatchJob: Sendable {
     let id: UInt64
     let chunks: [Chunk]
     let count: Int
+    /// Run with nothing else in flight on its worker: the items were on a worker that died, so
+    /// if it dies again the blame must fall on exactly this batch (see ``InFlightWindow``).
+    var runsAlone = false
 
     /// Whether the batch carries JSON values (else tensor items): batches never mix the two.
     var isJSON: Bool { chunks.first?.request.items.first?.isJSON ?? true }
@@ -107,10 +110,18 @@ final class Batcher: Sendable {
         static func == (a: Self, b: Self) -> Bool { a.deadline == b.deadline }
     }
 
+    private struct Pinned {
+        var chunks: [Chunk]
+        /// Dispatched as a ``BatchJob/runsAlone`` batch.
+        var alone: Bool
+        var count: Int { chunks.reduce(0) { $0 + $1.range.count } }
+    }
+
     private struct State {
         var queue: Deque<Chunk> = []
-        /// Halves of batches that raised: dispatched first, each as its own batch, never merged.
-        var pinned: Deque<[Chunk]> = []
+        /// Halves of batches that raised or whose worker died, and batches of a worker that died:
+        /// dispatched first, each as its own batch, never merged.
+        var pinned: Deque<Pinned> = []
         var queuedItems = 0
         var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
         var waiterOrder: Deque<UInt64> = []
@@ -126,8 +137,8 @@ final class Batcher: Sendable {
         /// stop counting against `max_queue`.
         mutating func dropFinished() {
             queue.removeAll { $0.request.isFinished }
-            pinned = Deque(pinned.map { $0.filter { !$0.request.isFinished } }.filter { !$0.isEmpty })
-            queuedItems = queue.reduce(0) { $0 + $1.range.count } + pinned.reduce(0) { $0 + $1.reduce(0) { $0 + $1.range.count } }
+            pinned = Deque(pinned.map { Pinned(chunks: $0.chunks.filter { !$0.request.isFinished }, alone: $0.alone) }.filter { !$0.chunks.isEmpty })
+            queuedItems = queue.reduce(0) { $0 + $1.range.count } + pinned.reduce(0) { $0 + $1.count }
         }
 
         mutating func popWaiter() -> CheckedContinuation<Void, Never>? {
@@ -278,9 +289,9 @@ final class Batcher: Sendable {
 
     private func takePinned(_ state: inout State, expired: inout [PendingRequest]) -> BatchJob? {
         let now = ContinuousClock.now
-        while let chunks = state.pinned.popFirst() {
-            state.queuedItems -= chunks.reduce(0) { $0 + $1.range.count }
-            let live = chunks.filter { chunk in
+        while let pinned = state.pinned.popFirst() {
+            state.queuedItems -= pinned.count
+            let live = pinned.chunks.filter { chunk in
                 if chunk.request.isFinished { return false }
                 if let deadline = chunk.request.deadline, deadline <= now {
                     expired.append(chunk.request)
@@ -294,7 +305,7 @@ final class Batcher: Sendable {
             state.statistics.batches += 1
             let count = live.reduce(0) { $0 + $1.range.count }
             state.statistics.items += count
-            return BatchJob(id: id, chunks: live, count: count)
+            return BatchJob(id: id, chunks: live, count: count, runsAlone: pinned.alone)
         }
         return nil
     }
@@ -366,8 +377,8 @@ final class Batcher: Sendable {
     func bisect(_ job: BatchJob) {
         let (left, right) = Self.halves(of: job.chunks, count: job.count)
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            state.pinned.prepend(right)
-            state.pinned.prepend(left)
+            state.pinned.prepend(Pinned(chunks: right, alone: false))
+            state.pinned.prepend(Pinned(chunks: left, alone: false))
             state.queuedItems += job.count
             return state.popWaiter()
         }
@@ -395,9 +406,18 @@ final class Batcher: Sendable {
         return (left, right)
     }
 
-    /// Puts a batch that never reached its worker back at the head of the queue.
+    /// Puts a batch that never reached its worker back at the head of the queue (a batch that
+    /// must run alone stays pinned as it was).
     func giveBack(_ job: BatchJob) {
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            if job.runsAlone {
+                let live = job.chunks.filter { !$0.request.isFinished }
+                guard !live.isEmpty else { return nil }
+                let pinned = Pinned(chunks: live, alone: true)
+                state.pinned.prepend(pinned)
+                state.queuedItems += pinned.count
+                return state.popWaiter()
+            }
             for chunk in job.chunks.reversed() where !chunk.request.isFinished {
                 state.queue.prepend(chunk)
                 state.queuedItems += chunk.range.count
@@ -407,15 +427,53 @@ final class Batcher: Sendable {
         waiter?.resume()
     }
 
-    /// Places again the batch of a worker that died (crashed, hung, ran past `batch_timeout_s`)
-    /// before answering it. Nothing is lost, and one bad item cannot take others down with it:
+    /// Places again the batches a worker died with, unanswered, in the order they were sent.
     ///
-    /// - a batch of several items is split in halves that run next, each as its own batch, on
-    ///   whichever workers are free. Splitting costs no retry: if one item kills the process, it
+    /// A worker runs its batches one after the other, but it writes their answers asynchronously:
+    /// when it dies with several unanswered, the first may have finished and its answer died with
+    /// the process while a later one was running. Only a lone unanswered batch is known to be the
+    /// one it was running (``workerDied(_:reason:)``). Several go back uncharged, each pinned to run
+    /// alone on its worker, so that a second death is blamed on exactly the batch that caused it.
+    /// With `retry: false` any of them may have run, so they all fail.
+    func workerDied(unanswered jobs: [BatchJob], reason: String) {
+        guard jobs.count > 1 else {
+            if let job = jobs.first { workerDied(job, reason: reason) }
+            return
+        }
+        var failures: [(Chunk, PredictionError)] = []
+        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
+            let live = jobs.map { $0.chunks.filter { !$0.request.isFinished } }.filter { !$0.isEmpty }
+            if !retry || state.closedReason != nil {
+                let context = "\(reason) while \(jobs.count) batches were unanswered (any of them may have been running)"
+                let why = retry
+                    ? "\(context), and the model is no longer serving"
+                    : "\(context); the item is not run again because the model sets retry: false (its handler must not run an item twice)"
+                failures = live.flatMap { $0.map { ($0, PredictionError(kind: .workerDied, type: "WorkerDied", message: why)) } }
+                return nil
+            }
+            for chunks in live.reversed() {
+                let pinned = Pinned(chunks: chunks, alone: true)
+                state.pinned.prepend(pinned)
+                state.queuedItems += pinned.count
+            }
+            return live.isEmpty ? nil : state.popWaiter()
+        }
+        waiter?.resume()
+        for (chunk, error) in failures { chunk.request.fail(chunk.range, with: error) }
+    }
+
+    /// Places again the batch a worker was running when it died (crashed, hung, ran past
+    /// `batch_timeout_s`) before answering it. Nothing is lost, and one bad item cannot take others
+    /// down with it:
+    ///
+    /// - a batch of several items is split in halves that run next, each as its own batch and alone
+    ///   on whichever worker is free. Splitting costs no retry: if one item kills the process, it
     ///   ends up alone after log2(n) crashes while the others are answered;
-    /// - a lone item runs again up to `max_retries` times, then fails as the likely culprit;
+    /// - a lone item runs again (alone on its worker) up to `max_retries` times, then fails as the
+    ///   likely culprit;
     /// - with `retry: false`, or when the model is being failed, the items fail at once.
     func workerDied(_ job: BatchJob, reason: String) {
+        let reason = "\(reason) while running the item"
         var failures: [(Chunk, PredictionError)] = []
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
             let live = job.chunks.filter { !$0.request.isFinished }
@@ -430,8 +488,8 @@ final class Batcher: Sendable {
             }
             if count > 1 {
                 let (left, right) = Self.halves(of: live, count: count)
-                state.pinned.prepend(right)
-                state.pinned.prepend(left)
+                state.pinned.prepend(Pinned(chunks: right, alone: true))
+                state.pinned.prepend(Pinned(chunks: left, alone: true))
                 state.queuedItems += count
                 return state.popWaiter()
             }
@@ -443,7 +501,7 @@ final class Batcher: Sendable {
                     message: "\(reason); this item was running alone each time its worker died (\(chunk.attempts) times, max_retries: \(maxRetries)), so it is likely what kills the worker"))]
                 return nil
             }
-            state.pinned.prepend([chunk])
+            state.pinned.prepend(Pinned(chunks: [chunk], alone: true))
             state.queuedItems += 1
             return state.popWaiter()
         }
@@ -515,7 +573,7 @@ final class Batcher: Sendable {
             state.closed = true
             state.closedReason = error
             defer { state.queue.removeAll(); state.pinned.removeAll(); state.queuedItems = 0 }
-            return Array(state.queue) + state.pinned.flatMap { $0 }
+            return Array(state.queue) + state.pinned.flatMap { $0.chunks }
         }
         close()
         for chunk in chunks { chunk.request.abort(with: error) }

@@ -378,14 +378,10 @@ final class WorkerPool: Executor {
 
                 case .exited(let generation, let exit):
                     guard let worker = workers.removeValue(forKey: generation) else { break }
-                    // Nothing is lost: what the worker was running goes back to the batcher.
-                    // Only the batch it was running is a suspect: a worker runs its batches in order, so the
-                    // ones queued behind it never started and go back as they were, charged nothing.
+                    // Nothing is lost: what the worker had not answered goes back to the batcher, which
+                    // blames only a batch that is known to have been running (see workerDied(unanswered:)).
                     let unanswered = worker.window.close()
-                    if let running = unanswered.first {
-                        batcher.workerDied(running, reason: "worker \(slot) \(exit.reason) while running the item")
-                    }
-                    for job in unanswered.dropFirst() { batcher.giveBack(job) }
+                    batcher.workerDied(unanswered: unanswered, reason: "worker \(slot) \(exit.reason)")
                     if generation == incoming {
                         incoming = nil
                         // Stopping while the successor was starting: it just leaves with the rest.
@@ -412,7 +408,7 @@ final class WorkerPool: Executor {
                     if unanswered.isEmpty {
                         logger.warning("\(message)")
                     } else {
-                        logger.warning("\(message); the batch it was running is split and run again\(unanswered.count > 1 ? ", the one queued behind it goes back to the queue" : "")")
+                        logger.warning("\(message); \(unanswered.count == 1 ? "the batch it was running is split and run again" : "its \(unanswered.count) unanswered batches run again, each alone on a worker")")
                     }
                     let initial = state.withLock { $0.readiness == nil }
                     if initial, !exit.becameReady {

@@ -391,7 +391,8 @@ final class WorkerProcess: Sendable {
             await window.waitForRoom()
             if Task.isCancelled { return }
             guard let job = await batcher.nextBatch() else { return }
-            guard window.add(job) else {
+            if job.runsAlone { await window.waitForRoom(alone: true) }
+            guard !Task.isCancelled, window.add(job) else {
                 batcher.giveBack(job)
                 return
             }
