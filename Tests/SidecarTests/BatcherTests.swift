@@ -200,7 +200,10 @@ import Testing
             Issue.record("expected deadlineExceeded")
         } catch let error as SidecarError {
             #expect(error.code == .deadlineExceeded)
-            #expect(error.message.contains("100 ms allowed"))
+            // The budget counts from the request's arrival, a moment after the test computed the
+            // deadline (on a busy machine a few ms later).
+            let allowed = error.message.firstMatch(of: /\((\d+) ms allowed/).flatMap { Int($0.1) }
+            #expect(allowed.map { (50...100).contains($0) } == true, "\(error.message)")
         }
         let waited = ContinuousClock.now - start
         #expect(waited >= .milliseconds(100) && waited < .seconds(5))

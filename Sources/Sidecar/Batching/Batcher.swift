@@ -359,7 +359,10 @@ final class Batcher: Sendable {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let ready = state.withLock { state -> Bool in
-                    if !state.queue.isEmpty || state.closed || Task.isCancelled { return true }
+                    // Pinned batches count too: a bisect or a death that pins halves between
+                    // nextBatch's look and this one finds no waiter to wake, and this worker would
+                    // sleep beside them forever.
+                    if !state.queue.isEmpty || !state.pinned.isEmpty || state.closed || Task.isCancelled { return true }
                     state.waiters[id] = continuation
                     state.waiterOrder.append(id)
                     return false
