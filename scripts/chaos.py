@@ -26,6 +26,7 @@ Importable: Tests/e2e/test_faults.py calls the scenario functions and asserts on
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -89,12 +90,17 @@ class Result:
             self.problems.append(problem)
         return condition
 
-    def take_counts(self, tally: "Tally") -> None:
+    def take_counts(self, tally: "Tally", closing: bool = False) -> None:
+        """`closing`: the server closes its listener during the load, so connections reset with their
+        request unread are expected (and never accepted); otherwise each one is a problem."""
         self.sent, self.ok, self.failed = tally.sent, tally.counts["ok"], tally.counts["failed"]
         self.rejected, self.lost = tally.counts["rejected"], tally.counts["lost"]
         if tally.counts["refused"]:
             self.notes.append(f"{tally.counts['refused']} connections refused (never accepted)")
-        for kind in ("failed", "lost"):
+        if tally.counts["unread"]:
+            self.notes.append(f"{tally.counts['unread']} connections reset before the server read the request (never accepted)")
+            self.expect(closing, f"{tally.counts['unread']} connections reset with their request unread while the server was serving")
+        for kind in ("failed", "lost", "unread"):
             if tally.samples[kind]:
                 self.facts[f"{kind}_samples"] = tally.samples[kind]
 
@@ -352,7 +358,7 @@ class Call:
 
 @dataclass
 class Outcome:
-    kind: str  # ok | failed | rejected | lost | refused
+    kind: str  # ok | failed | rejected | lost | refused | unread
     status: int | None
     seconds: float
     finished: float  # time.monotonic() when the answer (or its absence) was known
@@ -398,8 +404,14 @@ def send(port: int, call: Call, rejects=frozenset({429}), connection: http.clien
         response = conn.getresponse()
         data = response.read()
     except (OSError, http.client.HTTPException) as error:
-        # Reset, closed without a response, or nothing within the timeout: the request is lost.
         conn.close()
+        if isinstance(error, ConnectionResetError) and error.errno == errno.ECONNRESET:
+            # A TCP reset before any answer: the kernel resets a connection closed with data still
+            # unread (or one left in a closed listener's backlog), so the server never read this
+            # request: never accepted, like a refusal. (A server that read it and then dropped it
+            # closes with nothing unread: EOF, http.client's RemoteDisconnected, counted lost.)
+            return Outcome("unread", None, time.monotonic() - started, time.monotonic(), repr(error)[:300]), None
+        # Closed without a response, or nothing within the timeout: the request is lost.
         return Outcome("lost", None, time.monotonic() - started, time.monotonic(), repr(error)[:300]), None
     finished = time.monotonic()
     headers = {k.lower(): v for k, v in response.getheaders()}
@@ -428,7 +440,7 @@ class Tally:
         self.lock = threading.Lock()
         self.counts: Counter = Counter()
         self.statuses: Counter = Counter()
-        self.samples: dict[str, list[str]] = {"failed": [], "lost": [], "rejected": []}
+        self.samples: dict[str, list[str]] = {"failed": [], "lost": [], "rejected": [], "unread": []}
         self.outcomes: list[Outcome] = []
 
     def add(self, outcome: Outcome) -> None:
@@ -445,7 +457,7 @@ class Tally:
     @property
     def sent(self) -> int:
         with self.lock:
-            return sum(n for kind, n in self.counts.items() if kind != "refused")
+            return sum(n for kind, n in self.counts.items() if kind not in ("refused", "unread"))
 
     def count(self, kind: str, after: float = float("-inf")) -> int:
         with self.lock:
@@ -964,7 +976,8 @@ def scenario_supervisor_sigkill(within: float = 2.0) -> Result:
 def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_within: float = 30.0) -> Result:
     """SIGTERM under load: the server stops accepting, answers everything it accepted (slow items
     included) and exits 0. Clients use a connection per request, so "refused" (never accepted) is
-    told apart from "lost" (accepted, never answered)."""
+    told apart from "lost" (accepted, never answered). A connection made just before the listener
+    closes may be reset with its request unread ("unread": never accepted either)."""
     result = Result("sigterm_under_load")
     with tempfile.TemporaryDirectory(prefix="chaos-sigterm-") as tmp:
         model = copy_model(FAULTY_MODEL, Path(tmp))
@@ -989,7 +1002,7 @@ def scenario_sigterm_under_load(clients: int = 16, before: float = 3.0, exit_wit
                 took = time.monotonic() - termed_at
                 time.sleep(0.5)  # a little of the refused tail, to see refusals really are refusals
                 tally = load.stop()
-            result.take_counts(tally)
+            result.take_counts(tally, closing=True)
             after_term = tally.count("ok", after=termed_at)
             result.facts.update(exit_code=code, seconds_to_exit=round(took, 2), ok_after_sigterm=after_term,
                                 statuses={str(k): v for k, v in tally.statuses.items()})

@@ -69,3 +69,38 @@ def test_overload_refuses_fast_with_bounded_memory():
     assert r.rejected > 0, r.describe()
     assert r.lost == 0 and r.failed == 0, r.describe()
     assert r.passed, r.describe()
+
+
+def _serve_once(behaviour) -> int:
+    """A bare listener on a free port whose one connection `behaviour(listener)` handles in a thread."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    threading.Thread(target=behaviour, args=(listener,), daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def test_chaos_tells_a_request_never_read_from_one_read_and_dropped():
+    """The scenarios' classifier, against bare sockets: a reset with the request unread (a connection
+    left in a closed listener's backlog) is "unread" — never accepted — while a request the server
+    read and then dropped without an answer is "lost"."""
+    import time
+
+    def close_backlog(listener):
+        time.sleep(0.3)
+        listener.close()
+
+    def read_and_drop(listener):
+        connection, _ = listener.accept()
+        time.sleep(0.1)
+        connection.recv(65536)
+        connection.close()
+        listener.close()
+
+    unread, _ = chaos.send(_serve_once(close_backlog), chaos.v1_call("m", 1), timeout=5)
+    assert unread.kind == "unread", unread
+    lost, _ = chaos.send(_serve_once(read_and_drop), chaos.v1_call("m", 1), timeout=5)
+    assert lost.kind == "lost", lost
