@@ -504,7 +504,7 @@ class Load:
                 connection.close()
                 connection = None
             self.tally.add(outcome)
-            if outcome.kind == "refused":
+            if outcome.kind in ("refused", "unread"):
                 time.sleep(0.01)  # nothing listens any more; don't spin a core on connect()
             elif self.pause:
                 time.sleep(self.pause)

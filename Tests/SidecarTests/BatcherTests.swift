@@ -4,13 +4,16 @@ import Testing
 
 /// The batcher on its own: no processes, a test plays the worker.
 @Suite struct BatcherTests {
-    func batcher(maxBatch: Int = 4, maxQueue: Int = 100, delay: Duration = .zero, retries: Int = 2) -> Batcher {
+    func batcher(maxBatch: Int = 4, maxQueue: Int = 100, delay: Duration = .zero, retries: Int = 2, retry: Bool = true) -> Batcher {
         var batching = ModelConfiguration.Batching()
         batching.maxBatchSize = maxBatch
         batching.maxQueue = maxQueue
         batching.maxDelay = delay
-        return Batcher(modelName: "t", batching: batching, maxRetries: retries)
+        return Batcher(modelName: "t", batching: batching, maxRetries: retries, retry: retry)
     }
+
+    /// A JSON batch's items as text, in batch order.
+    func texts(_ job: BatchJob) -> [String] { job.jsonItems.map { String(decoding: $0, as: UTF8.self) } }
 
     func items(_ values: ClosedRange<Int>) -> [Payload] { values.map { .json(Fixtures.json("\($0)")) } }
 
@@ -93,8 +96,8 @@ import Testing
         b.workerDied(job, reason: "worker 0 was killed by signal 9")
         let left = try #require(await b.nextBatch())
         let right = try #require(await b.nextBatch())
-        #expect(left.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])
-        #expect(right.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3", "4"])
+        #expect(texts(left) == ["1", "2"])
+        #expect(texts(right) == ["3", "4"])
         answer(right)
         b.workerDied(left, reason: "worker 0 was killed by signal 9")
         let one = try #require(await b.nextBatch())
@@ -131,8 +134,8 @@ import Testing
         let again1 = try #require(await b.nextBatch())
         let again2 = try #require(await b.nextBatch())
         #expect(again1.runsAlone && again2.runsAlone)
-        #expect(again1.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])  // not split: not blamed
-        #expect(again2.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3"])
+        #expect(texts(again1) == ["1", "2"])  // not split: not blamed
+        #expect(texts(again2) == ["3"])
         #expect((again1.chunks + again2.chunks).allSatisfy { $0.attempts == 0 })
         answer(again1)
         // Alone, a death is blamed exactly: with max_retries 0 the lone item fails at once.
@@ -159,9 +162,7 @@ import Testing
     }
 
     @Test func retryFalseFailsEveryUnansweredBatchOfADeadWorker() async throws {
-        var batching = ModelConfiguration.Batching()
-        batching.maxBatchSize = 10
-        let b = Batcher(modelName: "t", batching: batching, maxRetries: 2, retry: false)
+        let b = batcher(maxBatch: 10, retry: false)
         async let first = b.submit(items(1...1))
         let job1 = try #require(await b.nextBatch())
         async let second = b.submit(items(2...2))
@@ -176,9 +177,7 @@ import Testing
     }
 
     @Test func retryFalseFailsTheItemsOfADeadWorkerAtOnce() async throws {
-        var batching = ModelConfiguration.Batching()
-        batching.maxBatchSize = 10
-        let b = Batcher(modelName: "t", batching: batching, maxRetries: 2, retry: false)
+        let b = batcher(maxBatch: 10, retry: false)
         async let results = b.submit(items(1...3))
         let job = try #require(await b.nextBatch())
         b.workerDied(job, reason: "worker 0 exited with status 1")
@@ -211,7 +210,7 @@ import Testing
         // A live request queued after it is what a worker gets.
         async let live = b.submit(items(4...4))
         let job = try #require(await b.nextBatch())
-        #expect(job.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["4"])
+        #expect(texts(job) == ["4"])
         answer(job)
         #expect(try texts(await live) == ["4"])
     }
@@ -266,8 +265,8 @@ import Testing
         b.bisect(job)
         let left = try #require(await b.nextBatch())
         let right = try #require(await b.nextBatch())
-        #expect(left.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["1", "2"])
-        #expect(right.jsonItems.map { String(decoding: $0, as: UTF8.self) } == ["3", "4", "5"])
+        #expect(texts(left) == ["1", "2"])
+        #expect(texts(right) == ["3", "4", "5"])
         let next = try #require(await b.nextBatch())
         #expect(next.count == 1, "the queued item was not merged into a half")
         for job in [left, right, next] { answer(job) }

@@ -135,17 +135,16 @@ class _Session:
         try:
             if handler.is_async:
                 result = await process_async(handler, batch)
-            elif self._in_thread == 0 and self._recent_seconds < INLINE_BELOW_SECONDS:
-                start = time.perf_counter()
-                result = process_sync(handler, batch)
-                self._note_duration(time.perf_counter() - start)
             else:
-                self._in_thread += 1
                 start = time.perf_counter()
-                try:
-                    result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch)
-                finally:
-                    self._in_thread -= 1
+                if self._in_thread == 0 and self._recent_seconds < INLINE_BELOW_SECONDS:
+                    result = process_sync(handler, batch)
+                else:
+                    self._in_thread += 1
+                    try:
+                        result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch)
+                    finally:
+                        self._in_thread -= 1
                 self._note_duration(time.perf_counter() - start)
         except Exception as exc:  # a bug in the runtime; never leave the supervisor waiting
             log.exception("processing batch %d failed", batch.id)
@@ -153,7 +152,6 @@ class _Session:
                 id=batch.id, batch_error=pb.Error(type="InternalError", message=f"{type(exc).__name__}: {exc}")
             )
         self._put(pb.WorkerMessage(result=result))
-
 
     def _note_duration(self, seconds: float) -> None:
         # An exponential average: a few fast batches bring it down, one slow batch sends it up.

@@ -124,7 +124,7 @@ def decode_tensor(np: Any, tensor: pb.Tensor) -> Any:
 
 def decode_tensor_item(item: pb.TensorItem) -> Dict[str, Any]:
     """The item's input tensors as a dict name -> ndarray; raises `TensorError`."""
-    np = _numpy if _numpy is not None else load_numpy()
+    np = load_numpy()
     inputs: Dict[str, Any] = {}
     for tensor in item.tensors:
         name = tensor.name
@@ -181,7 +181,7 @@ def encode_tensor(np: Any, name: str, value: Any, into: pb.TensorItem) -> None:
 def encode_tensor_outputs(result: Any, into: Optional[pb.TensorItem] = None) -> pb.TensorItem:
     """One item's result, a dict name -> array-like or one array-like (a tensor named ""), appended
     to `into` (a new TensorItem if None), which is returned."""
-    np = _numpy if _numpy is not None else load_numpy()
+    np = load_numpy()
     if into is None:
         into = pb.TensorItem()
     if isinstance(result, dict):

@@ -87,10 +87,7 @@ final class WorkerPool: Executor {
         }
         return slots.map { history, process, draining in
             var merged = history
-            for leaving in draining {
-                merged.batchesServed += leaving.batchesServed
-                merged.itemsServed += leaving.itemsServed
-            }
+            for leaving in draining { merged.addServed(by: leaving) }
             guard let process else { return merged }
             merged.state = process.state
             merged.pid = process.pid
@@ -117,11 +114,8 @@ final class WorkerPool: Executor {
         state.withLock { state in
             guard let index = state.draining[slot]?.firstIndex(where: { $0 === worker.status }) else { return }
             state.draining[slot]?.remove(at: index)
-            let final = worker.status.withLock { ($0.batchesServed, $0.itemsServed) }
-            history.withLock {
-                $0.batchesServed += final.0
-                $0.itemsServed += final.1
-            }
+            let final = worker.status.withLock { $0 }
+            history.withLock { $0.addServed(by: final) }
         }
     }
 
@@ -132,8 +126,7 @@ final class WorkerPool: Executor {
             defer { state.live[slot] = worker?.status }
             guard let previous = state.live[slot]?.withLock({ $0 }) else { return }
             history.withLock {
-                $0.batchesServed += previous.batchesServed
-                $0.itemsServed += previous.itemsServed
+                $0.addServed(by: previous)
                 $0.pythonVersion = previous.pythonVersion ?? $0.pythonVersion
             }
         }

@@ -43,4 +43,10 @@ public struct WorkerStatus: Sendable, Equatable {
     public var lastError: String?
 
     public init(index: Int) { self.index = index }
+
+    /// Adds what another process of the slot served (a past or draining one) to these counts.
+    mutating func addServed(by other: WorkerStatus) {
+        batchesServed += other.batchesServed
+        itemsServed += other.itemsServed
+    }
 }

@@ -220,5 +220,4 @@ struct AdminModel: Encodable {
         }
         self.workers = status.workers
     }
-
 }

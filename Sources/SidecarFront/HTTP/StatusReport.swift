@@ -30,9 +30,6 @@ struct StatusReport: Encodable {
         @ExplicitNull var detail: String?
         var queued: Int
         var workers: [Worker]
-
-        enum CodingKeys: String, CodingKey { case name, state, reason, detail, queued, workers }
-
     }
 
     struct Worker: Encodable {
@@ -52,7 +49,6 @@ struct StatusReport: Encodable {
             case index, state, pid, restarts, recycles, lastError = "last_error", rssBytes = "rss_bytes", inFlight = "in_flight"
             case batchesServed = "batches_served", itemsServed = "items_served", pythonVersion = "python_version"
         }
-
     }
 
     var models: [ModelStatus]
