@@ -135,3 +135,19 @@ let package = Package(
         ),
     ]
 )
+
+// The fuzz targets (Fuzz/, `scripts/fuzz.sh`): libFuzzer entry points, which link only with
+// `--sanitize=fuzzer`. They join the package only when SIDECAR_FUZZ=1, so a normal build never sees them.
+if Context.environment["SIDECAR_FUZZ"] == "1" {
+    package.targets.append(
+        .executableTarget(
+            name: "SidecarFuzz",
+            dependencies: [
+                "Sidecar", "SidecarFront", "SidecarOIPProtocol", "SidecarWorkerProtocol",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+            ],
+            path: "Fuzz/Sources/SidecarFuzz",
+            swiftSettings: strict
+        ))
+}

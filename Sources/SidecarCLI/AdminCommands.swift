@@ -180,8 +180,8 @@ struct ScaleCommand: AsyncParsableCommand {
     @OptionGroup var admin: AdminArguments
 
     func validate() throws {
-        guard (1...256).contains(workers) else { throw ValidationError("workers must be from 1 to 256, got \(workers)") }
-        guard timeout > 0 else { throw ValidationError("--timeout must be positive") }
+        guard ModelConfiguration.workerRange.contains(workers) else { throw ValidationError("workers must be from 1 to 256, got \(workers)") }
+        guard timeout > 0, timeout <= 365 * 86400 else { throw ValidationError("--timeout must be a positive number of seconds, at most a year") }
     }
 
     func run() async throws {

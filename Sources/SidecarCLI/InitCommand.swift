@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Sidecar
 
 struct InitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -69,10 +70,7 @@ struct InitCommand: ParsableCommand {
     }
 
     /// The rule of `name:` in sidecar.yaml, minus the names that are not directories.
-    static func isValidName(_ name: String) -> Bool {
-        !name.isEmpty && name != "." && name != ".."
-            && name.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) }
-    }
+    static func isValidName(_ name: String) -> Bool { ModelConfiguration.isValidName(name) }
 
     /// The model directory as the user would type it.
     static func displayPath(name: String, in directory: String?) -> String {

@@ -33,7 +33,7 @@ struct PredictCommand: AsyncParsableCommand {
 
     func run() async throws {
         let logger = try host.logger()
-        if let workers, workers < 1 { throw ValidationError("--workers must be at least 1, got \(workers)") }
+        if let workers, !ModelConfiguration.workerRange.contains(workers) { throw ValidationError("--workers must be from 1 to 256, got \(workers)") }
         // Check the directory before anything else, so a typo costs one line and no environment build.
         let bundle: ModelBundle
         do { bundle = try ModelBundle(directory: directory) } catch { throw reportFailure(error) }
@@ -111,7 +111,11 @@ struct PredictCommand: AsyncParsableCommand {
     }
 
     static func errorLine(_ message: String, line: Int) -> String {
-        let data = try! JSONSerialization.data(withJSONObject: ["error": message, "line": line] as [String: Any], options: [.sortedKeys])
+        struct ErrorLine: Encodable { var error: String; var line: Int }
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        // Encoding a string and an integer cannot fail; the fallback keeps the output a JSON line anyway.
+        let data = (try? encoder.encode(ErrorLine(error: message, line: line))) ?? Data(#"{"error":"unencodable error","line":\#(line)}"#.utf8)
         return String(decoding: data, as: UTF8.self)
     }
 }

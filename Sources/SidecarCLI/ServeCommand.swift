@@ -58,6 +58,19 @@ struct ServeCommand: AsyncParsableCommand {
 
     @OptionGroup var hostArguments: HostArguments
 
+    func validate() throws {
+        func check(_ value: Int?, _ flag: String, _ range: ClosedRange<Int>) throws {
+            guard let value, !range.contains(value) else { return }
+            throw ValidationError("--\(flag) must be from \(range.lowerBound) to \(range.upperBound), got \(value)")
+        }
+        try check(workers, "workers", ModelConfiguration.workerRange)
+        try check(httpPort, "http-port", ServerConfiguration.Limits.port)
+        try check(grpcPort, "grpc-port", ServerConfiguration.Limits.port)
+        try check(adminPort, "admin-port", ServerConfiguration.Limits.port)
+        try check(maxBodyBytes, "max-body-bytes", ServerConfiguration.Limits.bodyBytes)
+        try check(maxGrpcMessageBytes, "max-grpc-message-bytes", ServerConfiguration.Limits.grpcMessageBytes)
+    }
+
     func run() async throws {
         let logger = try hostArguments.logger()
         var configuration = ServerConfiguration()

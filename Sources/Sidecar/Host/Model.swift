@@ -119,7 +119,9 @@ public final class Model: Sendable {
     /// On a model that autoscales, this turns autoscaling off: the operator's count wins until the
     /// model is reloaded.
     public func scale(to workers: Int, timeout: Duration = .seconds(120)) async throws {
-        guard workers >= 1 else { throw SidecarError(.invalidInput, "a model needs at least 1 worker, got \(workers)") }
+        guard ModelConfiguration.workerRange.contains(workers) else {
+            throw SidecarError(.invalidInput, "a model needs from \(ModelConfiguration.workerRange.lowerBound) to \(ModelConfiguration.workerRange.upperBound) workers, got \(workers)")
+        }
         executor.disableAutoscaling(reason: "set to \(workers) worker(s) by hand")
         try await executor.resize(to: workers, timeout: timeout)
     }

@@ -87,9 +87,16 @@ public final class ModelHost: Service, Sendable {
     @discardableResult
     public func load(_ path: String, workers: Int? = nil, name: String? = nil) async throws -> Model {
         var bundle = try ModelBundle(directory: path)
-        if let name { bundle.configuration.name = name }
+        if let name {
+            guard ModelConfiguration.isValidName(name) else {
+                throw SidecarError(.invalidInput, "a model name must be letters, digits, '-', '_' or '.' (at most 200; it appears in URLs), got '\(name.prefix(200))'")
+            }
+            bundle.configuration.name = name
+        }
         if let workers {
-            guard workers >= 1 else { throw SidecarError(.invalidModel, "workers must be at least 1, got \(workers)") }
+            guard ModelConfiguration.workerRange.contains(workers) else {
+                throw SidecarError(.invalidInput, "workers must be from \(ModelConfiguration.workerRange.lowerBound) to \(ModelConfiguration.workerRange.upperBound), got \(workers)")
+            }
             bundle.configuration.workers = workers
             bundle.configuration.autoscaling = nil  // a fixed count asked for explicitly
         }

@@ -189,6 +189,31 @@ public enum BundleArchive {
         return (data, sha256Hex(of: data))
     }
 
+    /// Runs pass 1 of `unpack` — the tar reader and every entry check — over a decompressed tar
+    /// stream already in memory, fed in pieces of `chunkSize` bytes; returns the number of entries
+    /// accepted, or throws the refusal `unpack` would. For tests and the fuzzer, which need the
+    /// checks without gzip.
+    public static func check(tar: [UInt8], limits: Limits = Limits(), chunkSize: Int = 4096) async throws -> Int {
+        var offset = 0
+        let step = max(1, chunkSize)
+        let source = ByteSource(limit: limits.maxUnpackedBytes) {
+            guard offset < tar.count else { return nil }
+            let end = offset + min(step, tar.count - offset)
+            defer { offset = end }
+            return Array(tar[offset..<end])
+        }
+        var reader = TarReader(source: source)
+        do {
+            var validator = Validator(limits: limits)
+            while let raw = try await reader.next() { _ = try validator.add(raw) }
+            try validator.finish()
+            try await reader.drain()
+            return validator.entries.count
+        } catch let refusal as Refusal {
+            throw refusal.unpackError
+        }
+    }
+
     /// The lowercase hex SHA-256 of `data`, as `unpack` expects it.
     public static func sha256Hex(of data: Data) -> String {
         SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()

@@ -26,7 +26,12 @@ extension BundleArchive {
 
         mutating func next() async throws -> RawEntry? {
             guard !ended else { return nil }
-            try await source.skip(remaining + padding)
+            // Sizes come from the archive: `remaining + padding` is checked so that a size near
+            // Int.max is refused rather than trapping (the byte limit would stop the skip anyway).
+            guard let skip = Checked.add(remaining, padding) else {
+                throw Refusal("is a damaged tar archive: an entry's size of \(remaining) bytes cannot be skipped", kind: .structural)
+            }
+            try await source.skip(skip)
             remaining = 0
             padding = 0
             var longName: String?
@@ -175,7 +180,7 @@ extension BundleArchive {
                 if content[position] == 0 { break }  // some writers pad with NULs
                 guard let space = content[position...].firstIndex(of: UInt8(ascii: " ")), space - position <= 20,
                     let length = Int(String(decoding: content[position..<space], as: UTF8.self)),
-                    length > space - position + 1, position + length <= content.count,
+                    length > space - position + 1, length <= content.count - position,
                     content[position + length - 1] == UInt8(ascii: "\n")
                 else { throw bad }
                 let record = content[(space + 1)..<(position + length - 1)]
@@ -196,7 +201,9 @@ extension BundleArchive {
 
     /// The decompressed bytes, as they arrive from gzip, counted against the limit.
     struct ByteSource {
-        private var iterator: SubprocessOutputSequence.Iterator
+        /// The next piece of the decompressed stream (nil at its end): gzip's output, or bytes
+        /// already in memory (``BundleArchive/check(tar:limits:)``).
+        private let nextChunk: () async throws -> [UInt8]?
         private var chunk: [UInt8] = []
         private var position = 0
         private var finished = false
@@ -207,14 +214,24 @@ extension BundleArchive {
         let limit: Int
 
         init(iterator: SubprocessOutputSequence.Iterator, limit: Int) {
-            self.iterator = iterator
+            // A class holds the iterator so the closure can advance it.
+            final class Box { var iterator: SubprocessOutputSequence.Iterator; init(_ i: SubprocessOutputSequence.Iterator) { iterator = i } }
+            let box = Box(iterator)
+            self.init(limit: limit) {
+                guard let buffer = try await box.iterator.next() else { return nil }
+                return buffer.withUnsafeBytes { Array($0) }
+            }
+        }
+
+        init(limit: Int, next: @escaping () async throws -> [UInt8]?) {
+            self.nextChunk = next
             self.limit = limit
         }
 
         /// Gets the next piece from gzip; false at the end of the stream.
         private mutating func fill() async throws -> Bool {
             while !finished {
-                guard let buffer = try await iterator.next() else {
+                guard let buffer = try await nextChunk() else {
                     finished = true
                     return false
                 }
@@ -223,7 +240,7 @@ extension BundleArchive {
                 guard received <= limit else {
                     throw Refusal("decompresses to more than \(byteCount(limit)), the limit", kind: .overflow)
                 }
-                chunk = buffer.withUnsafeBytes { Array($0) }
+                chunk = buffer
                 position = 0
                 return true
             }

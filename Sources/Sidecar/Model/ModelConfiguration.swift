@@ -33,6 +33,17 @@ public struct ModelConfiguration: Sendable, Equatable {
     /// Declared output tensors (`outputs:`), reported in metadata.
     public var outputs: [TensorSpec] = []
 
+    /// How many worker processes one model may have: `workers`, `workers.min/max`, `sidecar scale`,
+    /// `--workers` and the admin API all check against it.
+    public static let workerRange = 1...256
+
+    /// Whether `name` may name a model: letters, digits, `-`, `_` and `.` (it appears in URLs, metric
+    /// labels and file names), and not `.` or `..`.
+    public static func isValidName(_ name: String) -> Bool {
+        !name.isEmpty && name != "." && name != ".." && name.count <= 200
+            && name.allSatisfy { $0.isLetter || $0.isNumber || "-_.".contains($0) }
+    }
+
     public struct Batching: Sendable, Equatable {
         /// The most items one batch may carry (default 64).
         public var maxBatchSize: Int = 64
@@ -168,9 +179,13 @@ private struct ConfigReader {
     }
 
     func seconds(_ node: Yams.Node, key: String, milliseconds: Bool = false, allowZero: Bool = false) throws -> Duration {
-        guard case .scalar = node, let value = node.float, value.isFinite, value > 0 || (allowZero && value == 0) else {
+        // At most a year: a longer duration means nothing to a worker or a batch, and converting a
+        // huge float to an integer count would trap.
+        let limit = Double(Duration.longestTimeout.components.seconds) * (milliseconds ? 1000 : 1)
+        guard case .scalar = node, let value = node.float, value.isFinite, value > 0 || (allowZero && value == 0), value <= limit else {
             let unit = milliseconds ? "milliseconds" : "seconds"
-            throw fail(key, allowZero ? "a number of \(unit), 0 or more" : "a positive number of \(unit)", got: node)
+            let range = "up to \(Int(limit)) (a year)"
+            throw fail(key, allowZero ? "a number of \(unit), 0 or more, \(range)" : "a positive number of \(unit) \(range)", got: node)
         }
         return milliseconds ? .microseconds(Int64(value * 1000)) : .milliseconds(Int64(value * 1000))
     }
@@ -192,8 +207,8 @@ private struct ConfigReader {
             switch key {
             case "name":
                 let name = try string(value, key: key)
-                guard name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
-                    throw fail(key, "letters, digits, '-', '_' or '.' (it appears in URLs)", got: value)
+                guard ModelConfiguration.isValidName(name) else {
+                    throw fail(key, "letters, digits, '-', '_' or '.', at most 200 (it appears in URLs)", got: value)
                 }
                 config.name = name
             case "handler":
@@ -212,8 +227,8 @@ private struct ConfigReader {
                     for (k, v) in try mapping(value, key: key, allowed: ["min", "max", "target_queue_ms", "scale_down_after_s"]) {
                         let path = "workers.\(k)"
                         switch k {
-                        case "min": lower = try int(v, key: path, range: 1...256)
-                        case "max": upper = try int(v, key: path, range: 1...256)
+                        case "min": lower = try int(v, key: path, range: ModelConfiguration.workerRange)
+                        case "max": upper = try int(v, key: path, range: ModelConfiguration.workerRange)
                         case "target_queue_ms": wait = try seconds(v, key: path, milliseconds: true)
                         default: down = try seconds(v, key: path)
                         }
@@ -227,7 +242,7 @@ private struct ConfigReader {
                     config.autoscaling = autoscaling
                     config.workers = lower
                 } else {
-                    config.workers = try int(value, key: key, range: 1...256)
+                    config.workers = try int(value, key: key, range: ModelConfiguration.workerRange)
                 }
             case "max_retries":
                 config.maxRetries = try int(value, key: key, range: 0...100)

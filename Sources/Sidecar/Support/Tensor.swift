@@ -35,26 +35,53 @@ public struct Tensor: Sendable, Equatable {
         self.data = data
     }
 
-    /// The number of elements the shape describes.
-    public var elementCount: Int { shape.reduce(1, *) }
+    /// The number of elements the shape describes; nil when a dimension is negative or the product
+    /// overflows `Int` (a shape from a client can claim anything).
+    public var elementCount: Int? {
+        guard shape.allSatisfy({ $0 >= 0 }) else { return nil }
+        return Checked.product(shape)
+    }
 
-    /// Checks that the data holds exactly the elements the shape describes.
+    /// The bytes the shape needs at the datatype's element size; nil for BYTES, a negative
+    /// dimension, or a size that overflows `Int`.
+    public var expectedByteCount: Int? {
+        guard let size = datatype.elementSize, let count = elementCount else { return nil }
+        return Checked.multiply(count, size)
+    }
+
+    /// Checks that the data holds exactly the elements the shape describes. Only arithmetic on the
+    /// shape and one pass over the data: nothing is allocated for what a shape claims.
     public func validate() throws {
         if let bad = shape.first(where: { $0 < 0 }) {
             throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has a negative dimension (\(bad)); a request's shape must be concrete")
         }
-        let count = elementCount
+        guard let count = elementCount else {
+            throw SidecarError(
+                .invalidInput,
+                "input '\(name)': shape \(shape) claims more elements than any request can hold (the product of its dimensions overflows); the data has \(data.count) bytes")
+        }
         if let size = datatype.elementSize {
-            guard data.count == count * size else {
+            guard let needed = Checked.multiply(count, size) else {
                 throw SidecarError(
                     .invalidInput,
-                    "input '\(name)': shape \(shape) of \(datatype.rawValue) needs \(count * size) bytes (\(count) × \(size)), the data has \(data.count)")
+                    "input '\(name)': shape \(shape) of \(datatype.rawValue) claims more bytes than any request can hold (\(count) × \(size) overflows); the data has \(data.count)")
+            }
+            guard data.count == needed else {
+                throw SidecarError(
+                    .invalidInput,
+                    "input '\(name)': shape \(shape) of \(datatype.rawValue) needs \(needed) bytes (\(count) × \(size)), the data has \(data.count)")
             }
         } else {
-            let elements = try Self.bytesElements(data, name: name)
-
-            guard elements.count == count else {
-                throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has \(count) elements, the BYTES data has \(elements.count)")
+            // Every BYTES element takes at least its 4-byte prefix: a count the data cannot hold is
+            // refused before the data is walked.
+            guard count <= data.count / 4 else {
+                throw SidecarError(
+                    .invalidInput,
+                    "input '\(name)': shape \(shape) claims \(count) BYTES elements, but \(data.count) bytes hold at most \(data.count / 4) (each has a 4-byte length prefix)")
+            }
+            let elements = try Self.bytesElementCount(data, name: name)
+            guard elements == count else {
+                throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has \(count) elements, the BYTES data has \(elements)")
             }
         }
     }
@@ -66,26 +93,48 @@ public struct Tensor: Sendable, Equatable {
 
     static func bytesElements(_ data: Data, name: String) throws -> [Range<Int>] {
         var ranges: [Range<Int>] = []
+        try walkBytesElements(data, name: name) { ranges.append($0) }
+        return ranges
+    }
+
+    /// How many elements BYTES data holds, checked to the end, without collecting them.
+    static func bytesElementCount(_ data: Data, name: String) throws -> Int {
+        var count = 0
+        try walkBytesElements(data, name: name) { _ in count += 1 }
+        return count
+    }
+
+    /// Walks the length-prefixed layout; a prefix that claims more than what remains is an error
+    /// (prefixes are unsigned 32-bit, so `length` cannot be negative and `i + length` cannot
+    /// overflow once it is known to be within the data).
+    private static func walkBytesElements(_ data: Data, name: String, _ visit: (Range<Int>) -> Void) throws {
         var i = data.startIndex
         while i < data.endIndex {
             guard data.endIndex - i >= 4 else {
-                throw SidecarError(.invalidInput, "input '\(name)': BYTES data ends inside a 4-byte length prefix")
+                throw SidecarError(.invalidInput, "input '\(name)': BYTES data ends inside a 4-byte length prefix (\(data.endIndex - i) bytes left at offset \(i - data.startIndex))")
             }
             let length = Int(UInt32(data[i]) | UInt32(data[i + 1]) << 8 | UInt32(data[i + 2]) << 16 | UInt32(data[i + 3]) << 24)
             i += 4
             guard data.endIndex - i >= length else {
                 throw SidecarError(.invalidInput, "input '\(name)': a BYTES element claims \(length) bytes, only \(data.endIndex - i) remain")
             }
-            ranges.append(i..<(i + length))
+            visit(i..<(i + length))
             i += length
         }
-        return ranges
     }
 
-    /// Encodes elements in the BYTES layout.
-    public static func bytesData(_ elements: [Data]) -> Data {
+    /// Encodes elements in the BYTES layout. An element longer than its 32-bit length prefix can
+    /// say (4 GiB) is refused rather than truncated.
+    public static func bytesData(_ elements: [Data]) throws -> Data {
+        var total = 0
+        for element in elements {
+            guard element.count <= Int(UInt32.max) else {
+                throw SidecarError(.invalidInput, "a BYTES element of \(element.count) bytes is longer than its 4-byte length prefix can describe (4 GiB)")
+            }
+            total = Checked.add(total, 4 + element.count) ?? Int.max
+        }
         var data = Data()
-        data.reserveCapacity(elements.reduce(0) { $0 + 4 + $1.count })
+        data.reserveCapacity(total)
         for element in elements {
             withUnsafeBytes(of: UInt32(element.count).littleEndian) { data.append(contentsOf: $0) }
             data.append(element)
@@ -107,7 +156,7 @@ public struct TensorSpec: Sendable, Equatable {
         self.shape = shape
     }
 
-    func accepts(_ shape: [Int]) -> Bool {
+    public func accepts(_ shape: [Int]) -> Bool {
         shape.count == self.shape.count && zip(shape, self.shape).allSatisfy { $1 == -1 || $0 == $1 }
     }
 }

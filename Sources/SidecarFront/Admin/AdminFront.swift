@@ -58,24 +58,18 @@ struct AdminFront: Sendable {
         return model
     }
 
-    private func decode<T: Decodable>(_ type: T.Type, _ request: Request, what: String) async throws -> T {
-        let body = try await request.body.collect(upTo: 1 << 20)
+    private func body(_ request: Request, what: String) async throws -> Data {
         do {
-            return try JSONDecoder().decode(T.self, from: Data(buffer: body))
-        } catch let error as DecodingError {
-            throw FrontError(.invalidArgument, "malformed \(what): \(FrontError.describe(error))")
+            return Data(buffer: try await request.body.collect(upTo: 1 << 20))
+        } catch is NIOTooManyBytesError {
+            throw FrontError(.tooLarge, "the \(what) is over 1 MiB; an admin request body is a small JSON object")
         }
     }
 
     /// `POST /admin/v1/models {"directory": "/srv/models/iris", "name": "iris2", "workers": 2}`: a
     /// directory on the server.
     private func load(_ request: Request) async throws -> Response {
-        struct Body: Decodable {
-            var directory: String
-            var name: String?
-            var workers: Int?
-        }
-        let body = try await decode(Body.self, request, what: "load request")
+        let body = try AdminLoadRequest.decode(try await body(request, what: "load request"))
         do {
             let model = try await host.load(body.directory, workers: body.workers, name: body.name)
             return json(AdminModel(model), status: .created)
@@ -99,7 +93,9 @@ struct AdminFront: Sendable {
         }
         let name = request.uri.queryParameters.get("name")
         let workers = try request.uri.queryParameters.get("workers").map { text -> Int in
-            guard let n = Int(text), n >= 1 else { throw FrontError(.invalidArgument, "workers must be a positive integer, got '\(text)'") }
+            guard let n = Int(text), ModelConfiguration.workerRange.contains(n) else {
+                throw FrontError(.invalidArgument, "workers must be an integer from 1 to 256, got '\(text.prefix(40))'")
+            }
             return n
         }
         let staging = bundleDirectory.appendingPathComponent("\(sha256.prefix(16))-\(UUID().uuidString.prefix(8))")
@@ -118,17 +114,9 @@ struct AdminFront: Sendable {
     /// `"wait": false` it answers 202 at once and the change goes on in the background (watch it with
     /// `GET /admin/v1/models/{m}`).
     private func scale(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
-        struct Body: Decodable {
-            var workers: Int
-            var timeout_s: Double?
-            var wait: Bool?
-        }
         let model = try model(context)
-        let body = try await decode(Body.self, request, what: "scale request")
-        guard body.workers >= 1, body.workers <= 256 else {
-            throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(body.workers)")
-        }
-        let timeout = Duration.milliseconds(Int64((body.timeout_s ?? 120) * 1000))
+        let body = try AdminScaleRequest.decode(try await body(request, what: "scale request"))
+        let timeout = body.timeout
         if body.wait == false {
             // Not tied to this request: the caller asked not to wait. The pool's own checks (stopping,
             // FAILED) still apply; the outcome shows in the model's status.
@@ -146,6 +134,57 @@ struct AdminFront: Sendable {
             throw FrontError.from(error)
         }
         return json(AdminModel(model))
+    }
+}
+
+/// `POST /admin/v1/models`: a directory on the server to load, checked before anything is read
+/// from it (the name and worker count by the host's own rules).
+struct AdminLoadRequest: Decodable {
+    var directory: String
+    var name: String?
+    var workers: Int?
+
+    static func decode(_ body: Data) throws -> AdminLoadRequest {
+        let request: AdminLoadRequest = try decodeAdminBody(body, what: "load request")
+        guard !request.directory.isEmpty, !request.directory.contains("\0") else {
+            throw FrontError(.invalidArgument, "directory must be a path on the server")
+        }
+        if let workers = request.workers, !ModelConfiguration.workerRange.contains(workers) {
+            throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(workers)")
+        }
+        if let name = request.name, !ModelConfiguration.isValidName(name) {
+            throw FrontError(.invalidArgument, "name must be letters, digits, '-', '_' or '.' (at most 200), got '\(name.prefix(200))'")
+        }
+        return request
+    }
+}
+
+/// `PUT /admin/v1/models/{m}/workers`.
+struct AdminScaleRequest: Decodable {
+    var workers: Int
+    var timeout_s: Double?
+    var wait: Bool?
+
+    /// How long the change may take (default 120 s, at most a year).
+    var timeout: Duration { Duration.clampedTimeout(timeout_s ?? 120, microsecondsPerUnit: 1_000_000) ?? .seconds(120) }
+
+    static func decode(_ body: Data) throws -> AdminScaleRequest {
+        let request: AdminScaleRequest = try decodeAdminBody(body, what: "scale request")
+        guard ModelConfiguration.workerRange.contains(request.workers) else {
+            throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(request.workers)")
+        }
+        if let seconds = request.timeout_s, !(seconds.isFinite && seconds > 0) {
+            throw FrontError(.invalidArgument, "timeout_s must be a positive number of seconds, got \(seconds)")
+        }
+        return request
+    }
+}
+
+private func decodeAdminBody<T: Decodable>(_ body: Data, what: String) throws -> T {
+    do {
+        return try JSONDecoder().decode(T.self, from: body)
+    } catch let error as DecodingError {
+        throw FrontError(.invalidArgument, "malformed \(what): \(FrontError.describe(error))")
     }
 }
 

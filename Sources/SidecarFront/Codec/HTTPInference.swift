@@ -57,7 +57,8 @@ enum HTTPInference {
                     for v in values { TensorJSON.append(v, to: &raw) }
                 case .bytes:
                     guard let values = try? container.decode([String].self, forKey: .data) else { return nil }
-                    raw = Tensor.bytesData(values.map { Data($0.utf8) })
+                    guard let encoded = try? Tensor.bytesData(values.map { Data($0.utf8) }) else { return nil }  // the general path says why
+                    raw = encoded
                 default:
                     return nil  // the general path checks ranges and types value by value
                 }
@@ -80,6 +81,15 @@ enum HTTPInference {
         var binaryByDefault: Bool
         /// The request's `timeout` parameter (µs), reserved by the Open Inference Protocol.
         var timeout: Duration?
+    }
+
+    /// The `Inference-Header-Content-Length` header: the JSON header's length in bytes.
+    static func headerLength(_ value: String?) throws -> Int? {
+        guard let value else { return nil }
+        guard let length = Int(value.trimmingCharacters(in: .whitespaces)), length >= 0 else {
+            throw FrontError(.invalidArgument, "Inference-Header-Content-Length must be a non-negative integer, got '\(value.prefix(40))'")
+        }
+        return length
     }
 
     static func decode(_ body: Data, headerLength: Int?) throws -> Decoded {
@@ -120,8 +130,13 @@ enum HTTPInference {
                         .invalidArgument,
                         "input '\(input.name)': binary_data_size is \(size) but only \(binary.endIndex - offset) binary bytes remain after the JSON header")
                 }
-                if let element = datatype.elementSize {
-                    let needed = input.shape.reduce(1, *) * element
+                if datatype.elementSize != nil {
+                    let shaped = Tensor(name: input.name, datatype: datatype, shape: input.shape, data: Data())
+                    guard let needed = shaped.expectedByteCount else {
+                        throw FrontError(
+                            .invalidArgument,
+                            "input '\(input.name)': shape \(input.shape) of \(datatype.rawValue) has a negative dimension or claims more bytes than any request can hold; binary_data_size is \(size)")
+                    }
                     guard size == needed else {
                         throw FrontError(
                             .invalidArgument,

@@ -18,7 +18,8 @@ enum TensorJSON {
             case .bytes:
                 guard case .string(let text) = element else { throw bad("a string") }
                 let utf8 = Data(text.utf8)
-                append(UInt32(utf8.count), to: &data)
+                guard let length = UInt32(exactly: utf8.count) else { throw bad("a string shorter than 4 GiB") }
+                append(length, to: &data)
                 data.append(utf8)
             case .bool:
                 guard let value = element.boolValue else { throw bad("true or false") }

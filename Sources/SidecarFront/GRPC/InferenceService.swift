@@ -236,7 +236,7 @@ enum GRPCTensors {
         case .uint64: try put(contents.uint64Contents, as: UInt64.self)
         case .fp32: for value in contents.fp32Contents { TensorJSON.append(value.bitPattern, to: &data) }
         case .fp64: for value in contents.fp64Contents { TensorJSON.append(value.bitPattern, to: &data) }
-        case .bytes: data = Tensor.bytesData(contents.bytesContents)
+        case .bytes: data = try Tensor.bytesData(contents.bytesContents)
         case .fp16:
             throw FrontError(.invalidArgument, "input '\(name)': FP16 has no typed contents field; send it in raw_input_contents")
         }

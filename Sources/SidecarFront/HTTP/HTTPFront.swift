@@ -112,15 +112,7 @@ struct HTTPFront: Sendable {
         let name = context.parameters.get("model") ?? "?"
         do {
             let model = try model(context)
-            let headerLength: Int?
-            if let value = request.headers[Self.inferenceHeaderLength] {
-                guard let length = Int(value) else {
-                    throw FrontError(.invalidArgument, "Inference-Header-Content-Length must be an integer, got '\(value)'")
-                }
-                headerLength = length
-            } else {
-                headerLength = nil
-            }
+            let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
             let deadline = Deadlines.deadline(
                 from: start, decoded.timeout, try Deadlines.timeout(header: request.headers[Deadlines.header]))
@@ -154,24 +146,9 @@ struct HTTPFront: Sendable {
             guard let model = host.model(named: name) else {
                 throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
             }
-            struct V1Request: Decodable { var instances: [JSONElement] }
-            let v1: V1Request
-            do { v1 = try JSONDecoder().decode(V1Request.self, from: try await body(request)) } catch { throw FrontError.from(error) }
-            let encoder = JSONEncoder()
-            let items = try v1.instances.map { JSONValue(trusted: try encoder.encode($0)) }
+            let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
-            let results = try await model.predict(batch: items, deadline: deadline)
-            var out = Data(#"{"predictions":["#.utf8)
-            for (index, result) in results.enumerated() {
-                switch result {
-                case .success(let value):
-                    if index > 0 { out.append(UInt8(ascii: ",")) }
-                    out.append(value.data)
-                case .failure(let error):
-                    throw FrontError(.internalError, "instance \(index): \(error.type): \(error.message)")
-                }
-            }
-            out.append(contentsOf: "]}".utf8)
+            let out = try KServeV1.response(try await model.predict(batch: items, deadline: deadline))
             metrics.record(model: name, protocol: "kserve_v1", since: start, error: nil)
             var headers = HTTPFields()
             headers[.contentType] = "application/json"

@@ -10,8 +10,18 @@ public enum ServerConfigurationFile {
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
             throw SidecarError(.invalidModel, "\(path): cannot read the server configuration: \(error.localizedDescription)")
         }
+        return try read(yaml: text, path: path)
+    }
+
+    /// Reads the configuration in `text`, naming `path` in errors (relative paths in it are
+    /// relative to `path`'s directory).
+    public static func read(yaml text: String, path: String) throws -> ServerConfiguration {
         var configuration = ServerConfiguration()
-        guard let root = try Yams.compose(yaml: text) else { return configuration }
+        let root: Yams.Node?
+        do { root = try Yams.compose(yaml: text) } catch {
+            throw SidecarError(.invalidModel, "\(path): not valid YAML: \(error)")
+        }
+        guard let root else { return configuration }
         guard let mapping = root.mapping else { throw SidecarError(.invalidModel, "\(path): the top level must be a mapping of keys") }
         let keys = [
             "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
@@ -38,17 +48,17 @@ public enum ServerConfigurationFile {
             let base = URL(fileURLWithPath: path).deletingLastPathComponent()
             switch key {
             case "models": configuration.models = try strings(v, key).map { $0.hasPrefix("/") ? $0 : base.appendingPathComponent($0).path }
-            case "workers": configuration.workers = try int(v, key, 1...256)
+            case "workers": configuration.workers = try int(v, key, ModelConfiguration.workerRange)
             case "host": guard let s = v.string, !s.isEmpty else { throw fail(key, "an address") }; configuration.host = s
-            case "http_port": configuration.httpPort = try int(v, key, 0...65535)
-            case "grpc_port": configuration.grpcPort = try int(v, key, 0...65535)
-            case "max_body_bytes": configuration.maxBodyBytes = try int(v, key, 1...(1 << 34))
-            case "max_grpc_message_bytes": configuration.maxGRPCMessageBytes = try int(v, key, 1...(1 << 31 - 1))
+            case "http_port": configuration.httpPort = try int(v, key, ServerConfiguration.Limits.port)
+            case "grpc_port": configuration.grpcPort = try int(v, key, ServerConfiguration.Limits.port)
+            case "max_body_bytes": configuration.maxBodyBytes = try int(v, key, ServerConfiguration.Limits.bodyBytes)
+            case "max_grpc_message_bytes": configuration.maxGRPCMessageBytes = try int(v, key, ServerConfiguration.Limits.grpcMessageBytes)
             case "cache_dir": cacheDir = v.string
             case "admin_host": guard let s = v.string, !s.isEmpty else { throw fail(key, "an address") }; configuration.adminHost = s
             case "admin_port":
                 // `admin_port: off` (or null) turns the admin API off.
-                if v.null != nil || v.string == "off" { configuration.adminPort = nil } else { configuration.adminPort = try int(v, key, 0...65535) }
+                if v.null != nil || v.string == "off" { configuration.adminPort = nil } else { configuration.adminPort = try int(v, key, ServerConfiguration.Limits.port) }
             case "admin_token_file":
                 guard let file = v.string, !file.isEmpty else { throw fail(key, "a file path") }
                 let resolved = file.hasPrefix("/") ? file : base.appendingPathComponent(file).path
@@ -58,7 +68,7 @@ public enum ServerConfigurationFile {
             case "bundle_dir":
                 guard let dir = v.string, !dir.isEmpty else { throw fail(key, "a directory path") }
                 configuration.bundleDirectory = URL(fileURLWithPath: dir.hasPrefix("/") ? dir : base.appendingPathComponent(dir).path)
-            case "bundle_max_bytes": configuration.bundleMaxBytes = try int(v, key, 1...(1 << 34))
+            case "bundle_max_bytes": configuration.bundleMaxBytes = try int(v, key, ServerConfiguration.Limits.bodyBytes)
             default: pipArgs = try strings(v, key)
             }
         }

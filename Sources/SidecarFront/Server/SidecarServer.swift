@@ -35,6 +35,14 @@ public struct ServerConfiguration: Sendable {
     /// Largest uploaded bundle, compressed (default 256 MiB).
     public var bundleMaxBytes = 256 << 20
 
+    /// What each number may be, for the configuration file and the command line alike.
+    public enum Limits {
+        public static let port = 0...65535
+        public static let bodyBytes = 1...(1 << 34)
+        /// gRPC messages are framed with a 32-bit length.
+        public static let grpcMessageBytes = 1...Int(Int32.max)
+    }
+
     public init() {}
 }
 
@@ -75,7 +83,7 @@ public func runServer(
     // configured limit is enforced by the service, which answers RESOURCE_EXHAUSTED with a message;
     // the transport's cap stays 4× higher as a memory backstop.
     var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
-    transportConfig.rpc.maxRequestPayloadSize = min(Int(Int32.max), configuration.maxGRPCMessageBytes * 4)
+    transportConfig.rpc.maxRequestPayloadSize = Checked.multiply(configuration.maxGRPCMessageBytes, 4).map { min(Int(Int32.max), $0) } ?? Int(Int32.max)
     let grpc = GRPCServer(
         transport: .http2NIOPosix(
             address: .ipv4(host: configuration.host, port: configuration.grpcPort), transportSecurity: .plaintext, config: transportConfig),
