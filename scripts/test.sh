@@ -30,3 +30,9 @@ fi
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl)"
 SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e
+
+# Every decoder of outside data, fuzzed: the committed corpora and past crashes replayed, then a
+# short coverage-guided run per target (libFuzzer + ASan for Swift, atheris for the Python worker).
+# Longer runs: scripts/fuzz.sh [TARGET] [SECONDS].
+echo "== fuzz: replay + ${SIDECAR_FUZZ_SECONDS:-10} s per target (scripts/fuzz.sh)"
+scripts/fuzz.sh all "${SIDECAR_FUZZ_SECONDS:-10}"

@@ -153,7 +153,7 @@ public nonisolated struct Sidecar_Worker_V1_Batch: Sendable {
   public var id: UInt64 = 0
 
   /// One UTF-8 JSON value per item. Items travel separately so that one malformed item fails alone;
-  /// the worker joins them into one JSON array and decodes the batch in one call.
+  /// the worker decodes each on its own (joined into one array, malformed items could pair up).
   public var items: [Data] = []
 
   /// Or, for Open Inference Protocol requests, one TensorItem per item (then `items` is empty). A

@@ -1,7 +1,8 @@
 """JSON decoding of batch items and encoding of results (orjson, else the standard library).
 
-The success path is one ``loads`` of all items joined into an array and one ``dumps`` of all
-results; per-item work happens only to isolate a bad item after the batch-wide call failed.
+The success path is one ``map`` of ``loads`` over the items (each parsed on its own, see
+`decode_items`) and one ``dumps`` of all results; per-item error handling happens only to isolate a
+bad item after the batch-wide call failed.
 numpy values are converted when numpy is already loaded by the handler; numpy is never imported here.
 """
 
@@ -72,13 +73,13 @@ class DecodedItems:
 
 def decode_items(items: Sequence[bytes]) -> DecodedItems:
     """Decode one JSON value per item; undecodable items become ``InvalidJSON`` item errors."""
+    # Each item is parsed on its own. Joined into one array, items that are not one value each can
+    # pair up into as many values as there are items (b'1,"' and b'"' make [1, ","]), so no count
+    # check can catch them. map() keeps the loop in C: about 0.05 µs an item more than one joined loads.
     try:
-        values = loads(b"[" + b",".join(items) + b"]")
+        return DecodedItems(list(map(loads, items)))
     except Exception:
-        values = None
-    # The count check catches items that are not exactly one value (e.g. b"1,2" or b"").
-    if isinstance(values, list) and len(values) == len(items):
-        return DecodedItems(values)
+        pass
 
     decoded = DecodedItems([], [], [])
     for index, item in enumerate(items):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .proto import worker_pb2 as pb
 
@@ -38,6 +38,11 @@ _DATATYPES.update({("i", n): f"INT{8 * n}" for n in (1, 2, 4, 8)})
 _DATATYPES.update({("f", n): f"FP{8 * n}" for n in (2, 4, 8)})
 
 _LENGTH = struct.Struct("<I")
+# A BYTES input is an array of dtype object: one pointer per element.
+_POINTER_SIZE = struct.calcsize("P")
+# Shapes quoted in error messages are cut after this many dimensions (a claimed shape can be a
+# megabyte of them).
+_QUOTED_DIMS = 16
 
 
 class TensorError(Exception):
@@ -53,6 +58,10 @@ _numpy: Any = None
 # Filled with numpy itself: datatype -> np.dtype, and np.dtype -> datatype for outputs.
 _NP_DTYPES: Dict[str, Any] = {}
 _NP_DATATYPES: Dict[Any, str] = {}
+# numpy's limits on one array, set by load_numpy: the most dimensions (32 before numpy 2.0, 64
+# since) and bytes (npy_intp). Shapes beyond them are refused before numpy raises ValueError.
+_max_dims = 32
+_max_bytes = 2**31 - 1
 
 
 def load_numpy() -> Any:
@@ -61,7 +70,7 @@ def load_numpy() -> Any:
     Cached in a global: an ``import`` statement costs microseconds even when the module is loaded,
     and this runs for every tensor of every item.
     """
-    global _numpy
+    global _numpy, _max_dims, _max_bytes
     if _numpy is None:
         try:
             import numpy
@@ -71,15 +80,47 @@ def load_numpy() -> Any:
             dtype = numpy.dtype(code)
             _NP_DTYPES[datatype] = dtype
             _NP_DATATYPES[dtype] = datatype
+        try:  # asked of numpy rather than read off its version
+            numpy.empty((1,) * 64, dtype=numpy.uint8)
+            _max_dims = 64
+        except ValueError:
+            _max_dims = 32
+        _max_bytes = int(numpy.iinfo(numpy.intp).max)
         _numpy = numpy
     return _numpy
 
 
 def _invalid(tensor: pb.Tensor, problem: str) -> TensorError:
+    shape = tensor.shape
+    if len(shape) <= _QUOTED_DIMS:
+        quoted = str(list(shape))
+    else:
+        quoted = f"[{', '.join(map(str, shape[:_QUOTED_DIMS]))}, ...] ({len(shape)} dimensions)"
     return TensorError(
         "InvalidTensor",
-        f"tensor {tensor.name!r} ({tensor.datatype}, shape {list(tensor.shape)}, {len(tensor.data)} bytes): {problem}",
+        f"tensor {tensor.name!r} ({tensor.datatype}, shape {quoted}, {len(tensor.data)} bytes): {problem}",
     )
+
+
+def _element_count(tensor: pb.Tensor, shape: Tuple[int, ...], itemsize: int) -> int:
+    """The number of elements `shape` claims; `InvalidTensor` for a shape no numpy array can have.
+
+    Checked before any product of the whole shape: math.prod over 100,000 dimensions of 2**63 takes
+    half a minute, and its result is too long to print.
+    """
+    if len(shape) > _max_dims:
+        raise _invalid(tensor, f"{len(shape)} dimensions, numpy arrays have at most {_max_dims}")
+    # numpy multiplies the non-zero dimensions even when one is 0: [0, 2**62, 2**62] is too big too.
+    nbytes = itemsize
+    for dim in shape:
+        if dim < 0:
+            raise _invalid(tensor, "negative dimension in shape")
+        if dim:
+            nbytes *= dim
+    if nbytes > _max_bytes:
+        problem = f"shape claims more than {_max_bytes} bytes ({itemsize}-byte elements), the most a numpy array holds"
+        raise _invalid(tensor, problem)
+    return math.prod(shape)
 
 
 def _decode_bytes(np: Any, tensor: pb.Tensor, count: int) -> Any:
@@ -107,15 +148,13 @@ def _decode_bytes(np: Any, tensor: pb.Tensor, count: int) -> Any:
 def decode_tensor(np: Any, tensor: pb.Tensor) -> Any:
     """One input tensor as an ndarray of its shape; `TensorError` ``InvalidTensor`` if inconsistent."""
     shape = tuple(tensor.shape)
-    if shape and min(shape) < 0:
-        raise _invalid(tensor, "negative dimension in shape")
-    count = math.prod(shape)
     datatype = tensor.datatype
     if datatype == "BYTES":
-        return _decode_bytes(np, tensor, count).reshape(shape)
+        return _decode_bytes(np, tensor, _element_count(tensor, shape, _POINTER_SIZE)).reshape(shape)
     dtype = _NP_DTYPES.get(datatype)
     if dtype is None:
         raise _invalid(tensor, f"unknown datatype {datatype!r}")
+    count = _element_count(tensor, shape, dtype.itemsize)
     data = tensor.data
     if len(data) != count * dtype.itemsize:
         raise _invalid(tensor, f"expected {count * dtype.itemsize} bytes ({count} elements × {dtype.itemsize} bytes)")

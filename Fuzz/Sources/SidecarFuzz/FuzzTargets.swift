@@ -295,15 +295,19 @@ func fuzzAdminBody(_ data: Data) {
 
 // MARK: - Support
 
+/// Where an async result lands for the synchronous caller; the semaphore orders the accesses.
+final class ResultSlot<T: Sendable>: @unchecked Sendable {
+    var result: Result<T, any Error>?
+}
+
 /// Runs async code from libFuzzer's synchronous callback.
 func blocking<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) -> Result<T, any Error> {
-    final class Slot: @unchecked Sendable { var result: Result<T, any Error>? }
-    let slot = Slot()
+    let slot = ResultSlot<T>()
     let done = DispatchSemaphore(value: 0)
     Task {
         do { slot.result = .success(try await body()) } catch { slot.result = .failure(error) }
         done.signal()
     }
     done.wait()
-    return slot.result!
+    return slot.result ?? .failure(CancellationError())
 }

@@ -54,6 +54,12 @@ extension BundleArchive {
             return fd
         }
 
+        /// The last component: the validator never passes an empty path, but the check is one line.
+        private func leaf(_ path: [String]) throws -> String {
+            guard let name = path.last else { throw WriteFailure("empty entry path", path) }
+            return name
+        }
+
         func makeDirectory(_ path: [String]) throws {
             let fd = try openDirectory(path[...])
             _ = fchmod(fd, 0o755)
@@ -62,27 +68,30 @@ extension BundleArchive {
 
         /// A new file (0644, or 0755 when executable), opened for writing.
         func createFile(_ path: [String], executable: Bool) throws -> Int32 {
+            let name = try leaf(path)
             let parent = try openDirectory(path.dropLast())
             defer { _ = closeDescriptor(parent) }
             let mode: mode_t = executable ? 0o755 : 0o644
-            let fd = openat(parent, path.last!, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+            let fd = openat(parent, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
             guard fd >= 0 else { throw WriteFailure("cannot create file", path) }
             _ = fchmod(fd, mode)
             return fd
         }
 
         func makeSymlink(_ path: [String], target: String) throws {
+            let name = try leaf(path)
             let parent = try openDirectory(path.dropLast())
             defer { _ = closeDescriptor(parent) }
-            guard symlinkat(target, parent, path.last!) == 0 else { throw WriteFailure("cannot create symlink", path) }
+            guard symlinkat(target, parent, name) == 0 else { throw WriteFailure("cannot create symlink", path) }
         }
 
         func makeHardLink(_ path: [String], to target: [String]) throws {
+            let (name, targetName) = (try leaf(path), try leaf(target))
             let parent = try openDirectory(path.dropLast())
             defer { _ = closeDescriptor(parent) }
             let targetParent = try openDirectory(target.dropLast())
             defer { _ = closeDescriptor(targetParent) }
-            guard linkat(targetParent, target.last!, parent, path.last!, 0) == 0 else {
+            guard linkat(targetParent, targetName, parent, name, 0) == 0 else {
                 throw WriteFailure("cannot create hard link", path)
             }
         }
@@ -93,7 +102,8 @@ extension BundleArchive {
 func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
     var offset = 0
     while offset < bytes.count {
-        let written = write(fd, bytes.baseAddress! + offset, bytes.count - offset)
+        guard let base = bytes.baseAddress else { return }
+        let written = write(fd, base + offset, bytes.count - offset)
         if written < 0 {
             if errno == EINTR { continue }
             throw SidecarError(.loadFailed, "cannot write \(path): \(String(cString: strerror(errno)))")
