@@ -67,6 +67,13 @@ import Testing
         #expect(try AdminLoadRequest.decode(Data(#"{"directory": "/m", "name": "ok-2", "workers": 3}"#.utf8)).workers == 3)
     }
 
+    @Test func grpcStatusMessagesStayUnderTheTrailerLimit() {
+        let long = FrontError(.notFound, "no model named '\(String(repeating: "é", count: 50_000))'").rpcError
+        #expect(long.message.utf8.count < 4200)
+        #expect(long.message.hasSuffix("bytes in all)"))
+        #expect(FrontError(.notFound, "short").rpcError.message == "short")
+    }
+
     @Test func grpcOverflowingShapeIsRefused() throws {
         let request = Inference_ModelInferRequest.with {
             $0.modelName = "m"

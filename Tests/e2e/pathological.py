@@ -25,13 +25,17 @@ its seed and index. A case is one request (or one gRPC stream of requests) of on
   grpc-stream  ModelStreamInfer: a few pathological requests then a good one, which must be
                answered correctly on the same stream.
 
-What a case may get: an error answer (HTTP 4xx; 500 only with a Python exception's type, i.e. the
-handler or the worker raised; 504 / DEADLINE_EXCEEDED only when the request carried a deadline
-under the case timeout; gRPC INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...), or a success
-unless the generator knows the request is malformed (then a success is an offense too). Offenses:
-any other 5xx or gRPC code (UNAVAILABLE, UNKNOWN, INTERNAL without a Python error), a connection
-reset / EOF, no answer within CASE_TIMEOUT_S, a malformed success, the server process gone, or a
-good probe (sent every few cases) failing after it.
+What a case may get: an error answer (HTTP 4xx; 500 / INTERNAL only with a Python exception's type,
+i.e. the handler raised; 504 / DEADLINE_EXCEEDED only when the request carried a deadline under the
+case timeout; gRPC INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...), or a success unless the
+generator knows the request is malformed (then a success is an offense too). Offenses: any other
+5xx or gRPC code (UNAVAILABLE, UNKNOWN, INTERNAL without a Python error), a 500 InvalidTensor (the
+worker runtime refused a tensor that the front should have refused with 400), error trailers too
+large for the client to read, a connection reset / EOF, no answer within CASE_TIMEOUT_S, a malformed
+success, the server process gone, or a good probe (sent every few cases) failing after it.
+
+The generator's "malformed" verdicts are three-valued (certainly / certainly not / unsure) and only
+"certainly" ones demand an error, so a request it cannot judge never makes a false failure.
 
 As a script:
   pathological.py --seed S --case N             print case N's exact request
@@ -151,10 +155,19 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+PRODUCT_CAP = 2**130  # far past any count a request can hold; keeps 40,000 dimensions of 2**63 cheap
+
+
 def product(shape: List[int]) -> int:
+    """The exact element count, or ±PRODUCT_CAP once it is past that."""
+    if any(d == 0 for d in shape):
+        return 0
     p = 1
     for d in shape:
         p *= d
+        if abs(p) > PRODUCT_CAP:
+            negatives = sum(1 for v in shape if v < 0)
+            return -PRODUCT_CAP if negatives % 2 else PRODUCT_CAP
     return p
 
 
@@ -255,6 +268,8 @@ def gen_shape(r: random.Random, grpc_range: bool = False) -> Tuple[List[Any], st
     if not grpc_range:
         kinds += ["beyond"]
     kind = r.choice(kinds)
+    if r.random() < 0.04:
+        kind = "very-many"
     if kind == "small":
         shape = [r.randint(0, 4) for _ in range(r.randint(0, 4))]
     elif kind == "huge":
@@ -279,6 +294,10 @@ def gen_shape(r: random.Random, grpc_range: bool = False) -> Tuple[List[Any], st
     elif kind == "many":
         n = r.choice([5, 8, 16, 31, 32, 33, 63, 64, 64, r.randint(5, 64), 65, 70])
         pool = r.choice([[1], [0, 1], [1, 2], [0, 1, 2, 3], [1, 1, 1, 2], [2**62, 1, 0]])
+        shape = [r.choice(pool) for _ in range(n)]
+    elif kind == "very-many":  # far past numpy's 64 (the JSON stays under the body limit)
+        n = r.choice([65, 100, 1000, 10_000, 40_000])
+        pool = r.choice([[1], [0, 1], [2**63 - 1], [2**63 - 1, 0], [1, 2, 99999999999]])
         shape = [r.choice(pool) for _ in range(n)]
     elif kind == "zero":
         shape = [r.choice([0, 0, 1, 4, 2**63 - 1, 99999999999]) for _ in range(r.randint(1, 5))]
@@ -316,7 +335,7 @@ def shape_facts(shape: Any) -> Tuple[Optional[bool], Optional[int]]:
 def leaves_layout(r: random.Random, leaves: List[Any], shape: List[Any]) -> Tuple[Any, str]:
     """Arranges the leaves as JSON `data`: flat, nested by the shape, ragged, or a scalar."""
     choice = r.random()
-    small = all(is_int(d) and 0 <= d <= 8 for d in shape) and len(shape) >= 1
+    small = all(is_int(d) and 0 <= d <= 8 for d in shape) and 1 <= len(shape) <= 16
     if choice < 0.5 or not leaves:
         return list(leaves), "flat"
     if choice < 0.7 and small and product(shape) == len(leaves):
@@ -499,8 +518,17 @@ def mutate_body(r: random.Random, body: bytes) -> Tuple[bytes, str, bool]:
 class Generator:
     def __init__(self, seed: int):
         self.seed = seed
+        self.errors: List[str] = []
 
-    def case(self, index: int) -> Case:
+    def case(self, index: int) -> Optional[Case]:
+        """Case `index`, or None (recorded in `errors`) if the generator itself failed on it."""
+        try:
+            return self._case(index)
+        except Exception as error:  # noqa: BLE001 - a generator bug must not stop the run, nor hide
+            self.errors.append(f"seed={self.seed} case={index}: {error!r}")
+            return None
+
+    def _case(self, index: int) -> Case:
         r = random.Random(f"{self.seed}:{index}")
         protocol = r.choices(["http-json", "http-binary", "kserve-v1", "grpc-infer", "grpc-stream"], [30, 20, 12, 28, 10])[0]
         maker = {
@@ -652,11 +680,12 @@ class Generator:
     def _json_structure(self, r: random.Random, model: str) -> Tuple[bytes, Optional[bool], str]:
         """Bodies whose JSON structure is wrong: a success is never right."""
         good = Obj([("name", "x"), ("shape", [1, 4]), ("datatype", "FP32"), ("data", [1, 2, 3, 4])])
+        missing = r.choice(["name", "shape", "datatype"])
         choices = [
             ("not an object", r.choice(["[1, 2, 3]", '"inputs"', "5", "null", "true", "[]", "{}" if False else "[{}]"])),
             ("inputs not a list", enc(Obj([("inputs", r.choice([Obj(), None, "x", 5, good]))]))),
             ("input not an object", enc(Obj([("inputs", [r.choice([None, 1, "x", [good]])])]))),
-            ("missing field", enc(Obj([("inputs", [Obj([kv for kv in good if kv[0] != r.choice(["name", "shape", "datatype"])])])]))),
+            ("missing field", enc(Obj([("inputs", [Obj([kv for kv in good if kv[0] != missing])])]))),
             ("name not a string", enc(Obj([("inputs", [Obj([("name", r.choice([5, None, ["x"], Obj()]))] + list(good[1:]))])]))),
             ("datatype not a string", enc(Obj([("inputs", [Obj(list(good[:2]) + [("datatype", r.choice([11, None, ["FP32"]]))] + list(good[3:]))])]))),
             ("shape not a list", enc(Obj([("inputs", [Obj([good[0], ("shape", r.choice(["1,4", Obj(), 4, None, True, [[1, 4]], ["1", "4"]]))] + list(good[2:]))])]))),
@@ -898,7 +927,10 @@ class Generator:
         elif kind == "deep":
             body, valid, note = self._deep(r, "instances")
         elif kind == "many":
-            n = r.choice([1000, 4096, 4097, 10_000, 50_000, 150_000])
+            # typed raises for every JSON instance, and a batch that raised is bisected down to single
+            # items (2n-1 handler calls for n instances) on its one worker: thousands of them are a load
+            # test, not a malformed request, so typed gets few
+            n = r.choice([1000, 4096, 4097, 10_000, 50_000, 150_000]) if model != "typed" else r.choice([64, 65, 200])
             body = ('{"instances":[' + ",".join(["1"] * n) + "]}").encode()
             valid, v1_count, note = True, n, f"{n} instances"
         else:
@@ -1351,6 +1383,9 @@ class GoodTraffic:
 # A 500 that a Python error explains: "ValueError: negative input", "instance 0: TypeError: ...".
 PY_ERROR = re.compile(r"^(instance \d+: )?([A-Za-z_][A-Za-z0-9_.]*): ")
 NOT_PYTHON = {"WorkerDied", "Unanswered", "ProtocolError"}
+# Raised by the worker runtime, not the handler, for a tensor it cannot decode: the front should have
+# refused the request (400 / INVALID_ARGUMENT) before it reached Python.
+FRONT_SHOULD_REFUSE = {"InvalidTensor"}
 
 
 def python_error(message: str) -> Optional[str]:
@@ -1385,6 +1420,8 @@ def judge_http(case: Case, port: int) -> Outcome:
         return Outcome("bad response", f"unparseable HTTP response: {error!r}", time.monotonic() - started, "")
     except (ValueError, UnicodeError, http.client.InvalidURL) as error:
         return Outcome("not sent", None, time.monotonic() - started, f"client refused: {error!r}")
+    except OSError as error:
+        return Outcome("reset/EOF", f"connection failed: {error!r}", time.monotonic() - started, "")
     detail = data[:300].decode("utf-8", "replace")
     if seconds > CASE_TIMEOUT_S:
         return Outcome("slow", f"answered after {seconds:.1f} s", seconds, detail)
@@ -1403,6 +1440,8 @@ def judge_http(case: Case, port: int) -> Outcome:
         pass
     if status == 500:
         error_type = python_error(message)
+        if error_type in FRONT_SHOULD_REFUSE:
+            return Outcome(f"500 {error_type}", "the worker refused a tensor the front let through (expected 400)", seconds, detail)
         if error_type:
             return Outcome(f"500 {error_type}", None, seconds, detail)
         return Outcome("500", "500 without a Python error: the server failed", seconds, detail)
@@ -1441,10 +1480,18 @@ ACCEPTABLE_GRPC = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, 
 
 def judge_rpc_error(case: Case, code: Any, details: str, seconds: float) -> Outcome:
     name = code.name if code is not None else "None"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata size exceeds" in details:
+        # the client's own status: the server's error message (grpc-message) was too long to read
+        return Outcome("RESOURCE_EXHAUSTED (error trailers too large)",
+                       "the server's error trailers exceed the client's metadata limit, so its status and message are lost",
+                       seconds, details[:300])
     if code in ACCEPTABLE_GRPC:
         return Outcome(name, None, seconds, details[:300])
     if code == grpc.StatusCode.INTERNAL:
         error_type = python_error(details)
+        if error_type in FRONT_SHOULD_REFUSE:
+            return Outcome(f"INTERNAL {error_type}", "the worker refused a tensor the front let through (expected INVALID_ARGUMENT)",
+                           seconds, details[:300])
         if error_type:
             return Outcome(f"INTERNAL {error_type}", None, seconds, details[:300])
     if code == grpc.StatusCode.DEADLINE_EXCEEDED and case.timeout_s is not None and case.timeout_s < CASE_TIMEOUT_S:
@@ -1514,6 +1561,8 @@ def judge_stream(case: Case, stub: Any, started: float) -> Outcome:
                 problems.append(f"the good request after the bad ones failed: {message.error_message[:200]!r}")
             elif error_type in NOT_PYTHON or message.error_message.startswith(("WorkerDied", "Unanswered", "ProtocolError")):
                 problems.append(f"{request.id}: {message.error_message[:200]!r}")
+            elif error_type in FRONT_SHOULD_REFUSE:
+                problems.append(f"{request.id}: the worker refused a tensor the front let through: {message.error_message[:200]!r}")
         else:
             classes.append("ok")
             if reject:
@@ -1539,10 +1588,22 @@ class Report:
     died_after: Optional[Case] = None
     elapsed: float = 0.0
     baseline_error: Optional[str] = None
+    examples: Dict[Tuple[str, str], Tuple[Case, Outcome]] = dataclasses.field(default_factory=dict)  # first of each class
+    generator_errors: List[str] = dataclasses.field(default_factory=list)  # bugs of this module, not of the server
+    slowest: Optional[Tuple[int, float]] = None  # (case index, seconds)
+
+    def examples_text(self) -> str:
+        lines = []
+        for (protocol, cls), (case, outcome) in sorted(self.examples.items()):
+            lines.append(f"[{protocol} {cls}] {case.label}\n    -> {outcome.detail[:200]!r}")
+        return "\n".join(lines)
 
     def add(self, case: Case, outcome: Outcome) -> None:
         self.cases += 1
+        if self.slowest is None or outcome.seconds > self.slowest[1]:
+            self.slowest = (case.index, outcome.seconds)
         self.outcomes.setdefault(case.protocol, Counter())[outcome.cls] += 1
+        self.examples.setdefault((case.protocol, outcome.cls), (case, outcome))
         if outcome.offense:
             self.offenses.append((case, outcome))
 
@@ -1556,8 +1617,11 @@ class Report:
             counter = self.outcomes[protocol]
             classes = " ".join(f"{k}={v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
             parts.append(f"{protocol} {sum(counter.values())} ({classes})")
+        errors = f", {len(self.generator_errors)} GENERATOR ERRORS" if self.generator_errors else ""
         return (f"pathological seed={self.seed}: {self.cases} cases in {self.elapsed:.1f} s, {len(self.offenses)} offending, "
-                f"{len(self.probe_failures)} probe failures | " + " | ".join(parts))
+                f"{len(self.probe_failures)} probe failures{errors}"
+                + (f", slowest case {self.slowest[0]} {self.slowest[1]:.2f} s" if self.slowest else "")
+                + " | " + " | ".join(parts))
 
     def failure_text(self, limit: int = 5) -> str:
         lines = []
@@ -1583,6 +1647,10 @@ class Report:
             lines.append(f"- probe: {failure}")
         lines.append(f"replay one case: PATHOLOGICAL_SEED={self.seed} python Tests/e2e/pathological.py --seed {self.seed} --case N")
         return "\n".join(lines)
+
+
+# Outcomes that say the connection or the process failed, not the request.
+TRANSPORT_FAILURES = {"hang", "reset/EOF", "refused", "bad response", "slow", "UNAVAILABLE"}
 
 
 def run_case(case: Case, http_port: int, grpc_port: int) -> Outcome:
@@ -1614,11 +1682,26 @@ def run(http_port: int, grpc_port: int, seed: int, seconds: float, alive: Option
                 break
             case = generator.case(index)
         index += 1
+        if case is None:
+            continue
         outcome = run_case(case, http_port, grpc_port)
         report.add(case, outcome)
         window.append(case)
         if log and (outcome.offense or only is not None):
             log(f"{case.label}\n  -> {outcome.cls} {outcome.offense or ''} {outcome.detail[:200]!r}")
+        if outcome.cls in TRANSPORT_FAILURES:
+            # A trapping Swift process prints its backtrace first (seconds, frozen), then exits: wait
+            # for it, so the death is blamed on this case and nothing after it is sent to a corpse.
+            problem = probe_http(http_port) or probe_grpc(grpc_port)
+            waited = time.monotonic()
+            while problem and alive is not None and alive() and time.monotonic() - waited < 20:
+                time.sleep(0.5)
+            if problem:
+                report.probe_failures.append(f"right after case {case.index} ({outcome.cls}): {problem}")
+                if alive is not None and not alive():
+                    report.died_after = case
+                break
+            window = []
         if alive is not None and not alive():
             report.died_after = case
             if not outcome.offense:
@@ -1635,6 +1718,7 @@ def run(http_port: int, grpc_port: int, seed: int, seconds: float, alive: Option
     problem = probe_http(http_port) or probe_grpc(grpc_port)
     if problem and not report.died_after:
         report.probe_failures.append(f"at the end: {problem}")
+    report.generator_errors = generator.errors
     report.elapsed = time.monotonic() - started
     return report
 
@@ -1662,6 +1746,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--grpc-port", type=int)
     parser.add_argument("--serve", action="store_true", help="start sidecar serve as the e2e fixture does")
     parser.add_argument("--no-traffic", action="store_true", help="no background good traffic")
+    parser.add_argument("--examples", action="store_true", help="print the first case of each outcome class")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else default_seed()
     seconds = args.seconds if args.seconds is not None else default_seconds()
@@ -1670,11 +1755,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         a, b = (int(v) for v in args.list.split(":"))
         for i in range(a, b):
             case = generator.case(i)
+            if case is None:
+                print(generator.errors[-1])
+                continue
             print(f"{'REJECT' if case.reject else 'any   '} {case.label}")
         return 0
     if args.case and not (args.http_port or args.serve):
         for i in args.case:
-            case = generator.case(i)
+            case = generator._case(i)
             print(f"{case.label}\nmust be refused: {case.reject}; deadline: {case.timeout_s}\n{case.request_text(100_000)}\n")
         return 0
     if args.serve:
@@ -1691,6 +1779,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 next(fixture)
             except StopIteration:
                 pass
+            except (AssertionError, Exception) as error:  # the fixture's own check of the exit code
+                print(f"stopping the server: {error}".splitlines()[0])
     if not (args.http_port and args.grpc_port):
         parser.error("give --http-port and --grpc-port of a running server, or --serve, or --case/--list to print cases")
     return drive(args.http_port, args.grpc_port, seed, seconds, args)
@@ -1707,6 +1797,8 @@ def drive(http_port: int, grpc_port: int, seed: int, seconds: float, args: Any, 
         if traffic:
             traffic.stop()
     print(report.summary_line())
+    if args.examples:
+        print(report.examples_text())
     if traffic:
         print(f"good traffic: {dict(traffic.counts)}, {len(traffic.failures)} failures {traffic.failures[:5]}")
     if not report.ok:

@@ -82,7 +82,7 @@ public final class Model: Sendable {
                 throw SidecarError(.invalidInput, "input '\(tensor.name)' must be \(spec.datatype.rawValue), got \(tensor.datatype.rawValue)")
             }
             guard spec.accepts(tensor.shape) else {
-                throw SidecarError(.invalidInput, "input '\(tensor.name)' must have shape \(spec.shape) (-1: any size), got \(tensor.shape)")
+                throw SidecarError(.invalidInput, "input '\(tensor.name)' must have shape \(spec.shape) (-1: any size), got \(Tensor.describe(tensor.shape))")
             }
         }
         for spec in declared where !seen.contains(spec.name) {

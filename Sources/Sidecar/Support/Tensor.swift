@@ -35,6 +35,10 @@ public struct Tensor: Sendable, Equatable {
         self.data = data
     }
 
+    /// The most dimensions a request's tensor may have: numpy's limit (NPY_MAXDIMS, 64 since
+    /// numpy 2), so that anything the front accepts the worker can build.
+    public static let maxRank = 64
+
     /// The number of elements the shape describes; nil when a dimension is negative or the product
     /// overflows `Int` (a shape from a client can claim anything).
     public var elementCount: Int? {
@@ -49,27 +53,40 @@ public struct Tensor: Sendable, Equatable {
         return Checked.multiply(count, size)
     }
 
-    /// Checks that the data holds exactly the elements the shape describes. Only arithmetic on the
-    /// shape and one pass over the data: nothing is allocated for what a shape claims.
+    /// The shape for a message: at most 16 dimensions written out, so that an error about a shape of
+    /// thousands of dimensions stays a line (a gRPC status message travels in a size-limited trailer).
+    public static func describe(_ shape: [Int]) -> String {
+        guard shape.count > 16 else { return "\(shape)" }
+        return "[" + shape.prefix(16).map(String.init).joined(separator: ", ") + ", … (\(shape.count) dimensions)]"
+    }
+
+    /// Checks that the data holds exactly the elements the shape describes, and that the worker can
+    /// build the array (numpy's rank and size limits). Only arithmetic on the shape and one pass over
+    /// the data: nothing is allocated for what a shape claims.
     public func validate() throws {
-        if let bad = shape.first(where: { $0 < 0 }) {
-            throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has a negative dimension (\(bad)); a request's shape must be concrete")
+        let shown = Self.describe(shape)
+        let name = self.name.count > 200 ? String(self.name.prefix(200)) + "…" : self.name
+        guard shape.count <= Self.maxRank else {
+            throw SidecarError(.invalidInput, "input '\(name)': shape \(shown) has \(shape.count) dimensions; at most \(Self.maxRank) are allowed")
         }
-        guard let count = elementCount else {
+        if let bad = shape.first(where: { $0 < 0 }) {
+            throw SidecarError(.invalidInput, "input '\(name)': shape \(shown) has a negative dimension (\(bad)); a request's shape must be concrete")
+        }
+        // numpy refuses an array whose non-zero dimensions multiply past Int64 even when another
+        // dimension is 0 (so it holds nothing): so does the front, with a 400 rather than the worker's 500.
+        let arrayItemSize = datatype.elementSize ?? 8  // a BYTES tensor becomes an array of object pointers
+        guard let nominal = Checked.product(shape.filter { $0 != 0 }), Checked.multiply(nominal, arrayItemSize) != nil else {
             throw SidecarError(
                 .invalidInput,
-                "input '\(name)': shape \(shape) claims more elements than any request can hold (the product of its dimensions overflows); the data has \(data.count) bytes")
+                "input '\(name)': shape \(shown) claims more elements than any request can hold (the product of its dimensions overflows); the data has \(data.count) bytes")
         }
+        let count = shape.contains(0) ? 0 : nominal
         if let size = datatype.elementSize {
-            guard let needed = Checked.multiply(count, size) else {
-                throw SidecarError(
-                    .invalidInput,
-                    "input '\(name)': shape \(shape) of \(datatype.rawValue) claims more bytes than any request can hold (\(count) × \(size) overflows); the data has \(data.count)")
-            }
+            let needed = count * size  // cannot overflow: checked above with the same factors
             guard data.count == needed else {
                 throw SidecarError(
                     .invalidInput,
-                    "input '\(name)': shape \(shape) of \(datatype.rawValue) needs \(needed) bytes (\(count) × \(size)), the data has \(data.count)")
+                    "input '\(name)': shape \(shown) of \(datatype.rawValue) needs \(needed) bytes (\(count) × \(size)), the data has \(data.count)")
             }
         } else {
             // Every BYTES element takes at least its 4-byte prefix: a count the data cannot hold is
@@ -77,11 +94,11 @@ public struct Tensor: Sendable, Equatable {
             guard count <= data.count / 4 else {
                 throw SidecarError(
                     .invalidInput,
-                    "input '\(name)': shape \(shape) claims \(count) BYTES elements, but \(data.count) bytes hold at most \(data.count / 4) (each has a 4-byte length prefix)")
+                    "input '\(name)': shape \(shown) claims \(count) BYTES elements, but \(data.count) bytes hold at most \(data.count / 4) (each has a 4-byte length prefix)")
             }
             let elements = try Self.bytesElementCount(data, name: name)
             guard elements == count else {
-                throw SidecarError(.invalidInput, "input '\(name)': shape \(shape) has \(count) elements, the BYTES data has \(elements)")
+                throw SidecarError(.invalidInput, "input '\(name)': shape \(shown) has \(count) elements, the BYTES data has \(elements)")
             }
         }
     }

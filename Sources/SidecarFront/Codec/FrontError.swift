@@ -52,7 +52,17 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         }
     }
 
-    var rpcError: RPCError { RPCError(code: rpcCode, message: message) }
+    /// The gRPC status. Its message travels in a trailer, which clients cap (grpcio at 16 KiB, and a
+    /// status over it reaches the client as RESOURCE_EXHAUSTED with the message lost): long messages,
+    /// which echo what a client sent, are cut to 4 KiB.
+    var rpcError: RPCError { RPCError(code: rpcCode, message: Self.truncated(message, bytes: 4096)) }
+
+    static func truncated(_ text: String, bytes limit: Int) -> String {
+        guard text.utf8.count > limit else { return text }
+        var cut = String(decoding: text.utf8.prefix(limit), as: UTF8.self)
+        if cut.last == "\u{FFFD}" { cut.removeLast() }  // half a character at the cut
+        return cut + "… (\(text.utf8.count) bytes in all)"
+    }
 
     /// The label used in metrics.
     var metricLabel: String {

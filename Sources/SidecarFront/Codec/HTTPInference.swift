@@ -135,12 +135,12 @@ enum HTTPInference {
                     guard let needed = shaped.expectedByteCount else {
                         throw FrontError(
                             .invalidArgument,
-                            "input '\(input.name)': shape \(input.shape) of \(datatype.rawValue) has a negative dimension or claims more bytes than any request can hold; binary_data_size is \(size)")
+                            "input '\(input.name)': shape \(Tensor.describe(input.shape)) of \(datatype.rawValue) has a negative dimension or claims more bytes than any request can hold; binary_data_size is \(size)")
                     }
                     guard size == needed else {
                         throw FrontError(
                             .invalidArgument,
-                            "input '\(input.name)': binary_data_size is \(size) but shape \(input.shape) of \(datatype.rawValue) needs \(needed) bytes")
+                            "input '\(input.name)': binary_data_size is \(size) but shape \(Tensor.describe(input.shape)) of \(datatype.rawValue) needs \(needed) bytes")
                     }
                 }
                 data = binary[offset..<(offset + size)]

@@ -12,7 +12,7 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
 
     func check(request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext) async throws -> Grpc_Health_V1_HealthCheckResponse {
         guard let status = status(of: request.service) else {
-            throw RPCError(code: .notFound, message: "unknown service '\(request.service)'; use '', a model name, or inference.GRPCInferenceService")
+            throw FrontError(.notFound, "unknown service '\(request.service)'; use '', a model name, or inference.GRPCInferenceService").rpcError
         }
         return .with { $0.status = status }
     }

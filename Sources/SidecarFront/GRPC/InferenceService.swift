@@ -135,10 +135,10 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
 
     private func model(_ name: String, version: String) throws -> Model {
         guard let model = host.model(named: name) else {
-            throw RPCError(code: .notFound, message: "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+            throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))").rpcError
         }
         guard version.isEmpty || version == "1" else {
-            throw RPCError(code: .notFound, message: "model '\(name)' has no version '\(version)'; it serves version 1")
+            throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1").rpcError
         }
         return model
     }
