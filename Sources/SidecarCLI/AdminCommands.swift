@@ -66,13 +66,13 @@ struct AdminClient {
             response = try await HTTPClient.shared.execute(request, timeout: timeout)
             data = Data(buffer: try await response.body.collect(upTo: 64 << 20))
         } catch {
-            FileHandle.standardError.write(Data("error: cannot reach the Sidecar admin API at \(base) (\(error)); is `sidecar serve` running, and is --server right?\n".utf8))
+            StandardStreams.err("error: cannot reach the Sidecar admin API at \(base) (\(error)); is `sidecar serve` running, and is --server right?\n")
             throw AdminExit.unreachable
         }
         guard (200..<300).contains(Int(response.status.code)) else {
             let message = (try? JSONDecoder().decode([String: String].self, from: data))?["error"]
                 ?? String(decoding: data, as: UTF8.self)
-            FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+            StandardStreams.err("error: \(message)\n")
             switch response.status.code {
             case 401, 403: throw AdminExit.unauthorized
             case 400, 404, 409, 413: throw AdminExit.failed
@@ -124,8 +124,8 @@ struct StatusCommand: AsyncParsableCommand {
     func run() async throws {
         let data = try await admin.client().call(.GET, "/admin/v1/models")
         if json {
-            FileHandle.standardOutput.write(data)
-            FileHandle.standardOutput.write(Data("\n".utf8))
+            StandardStreams.out(data)
+            StandardStreams.out("\n")
             return
         }
         struct List: Decodable { var models: [ModelSummary] }
@@ -145,10 +145,10 @@ struct StatusCommand: AsyncParsableCommand {
             let line = row.enumerated().map { index, cell in
                 index == row.count - 1 ? cell : cell.padding(toLength: widths[index], withPad: " ", startingAt: 0)
             }.joined(separator: "  ")
-            print(line)
+            StandardStreams.line(line)
         }
         for m in models where m.state == "failed" {
-            print("\n\(m.name) FAILED: \(m.reason ?? "no reason recorded")")
+            StandardStreams.line("\n\(m.name) FAILED: \(m.reason ?? "no reason recorded")")
         }
     }
 }
@@ -195,9 +195,9 @@ struct ScaleCommand: AsyncParsableCommand {
             timeout: .seconds(Int64(timeout) + 30))
         let summary = try JSONDecoder().decode(ModelSummary.self, from: data)
         if noWait {
-            print("\(summary.name): scaling to \(workers) workers (now \(summary.workers_ready)/\(summary.workers_target) ready)")
+            StandardStreams.line("\(summary.name): scaling to \(workers) workers (now \(summary.workers_ready)/\(summary.workers_target) ready)")
         } else {
-            print("\(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+            StandardStreams.line("\(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
         }
     }
 }
@@ -254,7 +254,7 @@ struct LoadCommand: AsyncParsableCommand {
                 headers: [("Sidecar-Bundle-Sha256", packed.sha256)])
         }
         let summary = try JSONDecoder().decode(ModelSummary.self, from: data)
-        print("loaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+        StandardStreams.line("loaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
     }
 
     private func percentEncoded(_ text: String) -> String {
@@ -275,7 +275,7 @@ struct UnloadCommand: AsyncParsableCommand {
 
     func run() async throws {
         _ = try await admin.client().call(.DELETE, "/admin/v1/models/\(model)")
-        print("unloaded \(model)")
+        StandardStreams.line("unloaded \(model)")
     }
 }
 
@@ -293,6 +293,6 @@ struct ReloadCommand: AsyncParsableCommand {
     func run() async throws {
         let data = try await admin.client().call(.POST, "/admin/v1/models/\(model)/reload")
         let summary = try JSONDecoder().decode(ModelSummary.self, from: data)
-        print("reloaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
+        StandardStreams.line("reloaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
     }
 }

@@ -47,7 +47,7 @@ struct InitCommand: ParsableCommand {
             }
         } catch {
             try? FileManager.default.removeItem(at: model)
-            FileHandle.standardError.write(Data("error: cannot write the files of \(shown): \(error.localizedDescription)\n".utf8))
+            StandardStreams.err("error: cannot write the files of \(shown): \(error.localizedDescription)\n")
             throw ExitCode(1)
         }
 
@@ -66,7 +66,7 @@ struct InitCommand: ParsableCommand {
               sidecar serve \(quoted)
 
             """
-        FileHandle.standardOutput.write(Data(text.utf8))
+        StandardStreams.out(text)
     }
 
     /// The rule of `name:` in sidecar.yaml, minus the names that are not directories.
@@ -88,7 +88,7 @@ struct InitCommand: ParsableCommand {
 
     /// Prints `message` as one line and returns the exit code for a refusal.
     static func refuse(_ message: String) -> ExitCode {
-        FileHandle.standardError.write(Data("error: \(message)\n".utf8))
+        StandardStreams.err("error: \(message)\n")
         return ExitCode(2)
     }
 }

@@ -39,7 +39,7 @@ struct PredictCommand: AsyncParsableCommand {
         do { bundle = try ModelBundle(directory: directory) } catch { throw reportFailure(error) }
         let reader: LineReader
         do { reader = try LineReader(path: input) } catch {
-            FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+            StandardStreams.err("error: \(error)\n")
             throw ExitCode(2)
         }
 
@@ -52,7 +52,7 @@ struct PredictCommand: AsyncParsableCommand {
             throw reportFailure(error)
         }
         if failed > 0 {
-            FileHandle.standardError.write(Data("sidecar: \(failed) line(s) got an error instead of a prediction\n".utf8))
+            StandardStreams.err("sidecar: \(failed) line(s) got an error instead of a prediction\n")
             throw ExitCode(1)
         }
     }
@@ -177,7 +177,7 @@ final class OutputWriter {
 
     func flush() {
         guard !buffer.isEmpty else { return }
-        FileHandle.standardOutput.write(buffer)
+        StandardStreams.out(buffer)
         buffer.removeAll(keepingCapacity: true)
     }
 }
@@ -199,11 +199,11 @@ final class Progress {
             let filled = Int(fraction * 30)
             text = "\r[" + String(repeating: "#", count: filled) + String(repeating: ".", count: 30 - filled) + "] \(Int(fraction * 100))% " + text.dropFirst()
         }
-        FileHandle.standardError.write(Data(text.utf8))
+        StandardStreams.err(text)
     }
 
     func finish() {
         guard enabled else { return }
-        FileHandle.standardError.write(Data("\n".utf8))
+        StandardStreams.err("\n")
     }
 }

@@ -43,12 +43,12 @@ struct HostArguments: ParsableArguments {
 /// directory or configuration (nothing was started), 1 for everything else.
 func reportFailure(_ error: any Error) -> ExitCode {
     if let error = error as? SidecarError {
-        FileHandle.standardError.write(Data("error: \(error.message)\n".utf8))
+        StandardStreams.err("error: \(error.message)\n")
         if let detail = error.detail, !detail.isEmpty {
-            FileHandle.standardError.write(Data("\(detail)\n".utf8))
+            StandardStreams.err("\(detail)\n")
         }
         return error.code == .invalidModel ? ExitCode(2) : ExitCode(1)
     }
-    FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+    StandardStreams.err("error: \(error)\n")
     return ExitCode(1)
 }

@@ -19,7 +19,34 @@ import SystemPackage
 
     static var binary: String { Fixtures.packageRoot.appendingPathComponent(".build/debug/sidecar").path }
 
+    struct StaleBinary: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    /// These tests run the built `sidecar`, which `swift test` does not rebuild (a test target cannot
+    /// depend on an executable): a missing or stale binary is refused with what to run, rather than
+    /// silently testing old code. `scripts/test.sh` builds it first (`swift build --build-tests`).
+    static let freshness: Result<Void, StaleBinary> = {
+        let files = FileManager.default
+        let root = Fixtures.packageRoot
+        func modified(_ url: URL) -> Date? { (try? files.attributesOfItem(atPath: url.path))?[.modificationDate] as? Date }
+        guard let built = modified(URL(fileURLWithPath: binary)) else {
+            return .failure(StaleBinary(description: "\(binary) does not exist: run `swift build` (or scripts/test.sh) before `swift test`"))
+        }
+        var newest: (Date, String)?
+        let sources = root.appendingPathComponent("Sources")
+        for case let file as URL in files.enumerator(at: sources, includingPropertiesForKeys: [.contentModificationDateKey]) ?? .init()
+        where file.pathExtension == "swift" {
+            if let date = modified(file), date > (newest?.0 ?? .distantPast) { newest = (date, file.path) }
+        }
+        if let (date, path) = newest, date > built {
+            return .failure(StaleBinary(description: "\(binary) is older than \(path): run `swift build` (or scripts/test.sh) before `swift test`"))
+        }
+        return .success(())
+    }()
+
     func sidecar(_ arguments: [String], input: String = "") async throws -> Run {
+        try Self.freshness.get()
         let result = try await Subprocess.run(
             .path(FilePath(Self.binary)),
             arguments: Arguments(arguments + ["--cache-dir", Fixtures.cacheDirectory.path]),

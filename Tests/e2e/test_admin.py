@@ -69,6 +69,23 @@ def test_status_table_and_json(admin):
     assert all(w["pid"] and w["state"] in ("ready", "busy") for w in echo["workers"])
 
 
+def test_cli_in_a_pipeline_whose_reader_leaves_exits_quietly(admin):
+    """`sidecar status --json | head -c0`: the reader closes the pipe before the CLI writes. A Unix
+    tool then dies of SIGPIPE without a word; the CLI used to trap in FileHandle.write (a page of
+    backtrace on stderr)."""
+    env = dict(os.environ, SIDECAR_ADMIN_TOKEN=TOKEN)
+    for args in (["status", "--json"], ["status"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the CLI has even reached the server
+        process = subprocess.Popen([chaos.SIDECAR_BIN, *args, "--server", f"http://127.0.0.1:{admin.admin_port}"],
+                                   stdout=write_end, stderr=subprocess.PIPE, env=env)
+        os.close(write_end)
+        _, stderr = process.communicate(timeout=60)
+        text = stderr.decode(errors="replace")
+        assert process.returncode in (-13, 141), f"{args}: exit {process.returncode}, stderr: {text[-2000:]}"
+        assert "Fatal error" not in text and "backtrace" not in text.lower(), f"{args}: {text[-2000:]}"
+
+
 def test_missing_or_wrong_token_is_refused(admin):
     for token in (None, "wrong"):
         done = cli(admin, "unload", "echo", token=token)

@@ -16,13 +16,24 @@ public final class Model: Sendable {
     public let environment: PythonEnvironment
     let batcher: Batcher
     let executor: any Executor
+    /// The worker count `load` was given (nil: `sidecar.yaml`'s, autoscaling included): what a
+    /// reload asks for again, so that a reload restores autoscaling that `scale` turned off.
+    let requestedWorkers: Int?
+    /// False for the stand-in of a model whose reload failed (``FailedExecutor``): it never ran, so
+    /// unloading it runs no `cleanup.sh`.
+    let started: Bool
 
-    init(bundle: ModelBundle, environment: PythonEnvironment, batcher: Batcher, executor: any Executor) {
+    init(
+        bundle: ModelBundle, environment: PythonEnvironment, batcher: Batcher, executor: any Executor, requestedWorkers: Int?,
+        started: Bool = true
+    ) {
         self.name = bundle.configuration.name
         self.bundle = bundle
         self.environment = environment
         self.batcher = batcher
         self.executor = executor
+        self.requestedWorkers = requestedWorkers
+        self.started = started
     }
 
     public var configuration: ModelConfiguration { bundle.configuration }

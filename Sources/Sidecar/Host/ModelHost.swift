@@ -74,6 +74,14 @@ public final class ModelHost: Service, Sendable {
         try? FileManager.default.removeItem(at: socketRoot)
     }
 
+    /// Runs `work` as a child of ``run()``: work that outlives the request that asked for it (a scale
+    /// with `"wait": false`) still ends before the host does, so graceful shutdown waits for it and
+    /// nothing runs on after the models are unloaded. Dropped if the host is already shutting down.
+    public func runInBackground(_ work: @escaping @Sendable () async -> Void) {
+        let accepted = state.withLock { !$0.shuttingDown }
+        if accepted { startSink.yield(work) }
+    }
+
     /// Names of the loaded models.
     public var modelNames: [String] { state.withLock { $0.models.keys.sorted() } }
 
@@ -135,7 +143,7 @@ public final class ModelHost: Service, Sendable {
         if options.benchmarkEcho {
             modelLogger.warning("--benchmark-echo: every item is answered with itself in Swift; the handler does not run")
         }
-        let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool)
+        let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool, requestedWorkers: workers)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
         state.withLock { $0.finished[modelName] = finished }
@@ -166,7 +174,7 @@ public final class ModelHost: Service, Sendable {
         guard let model else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
         model.executor.stop()
         if let finished { for await _ in finished {} }
-        if let cleanup = model.bundle.cleanupScript {
+        if model.started, let cleanup = model.bundle.cleanupScript {
             var modelLogger = logger
             modelLogger[metadataKey: "model"] = "\(name)"
             let outcome = try? await ProcessRunner.run(
@@ -180,13 +188,34 @@ public final class ModelHost: Service, Sendable {
         logger.info("model unloaded", metadata: ["model": "\(name)"])
     }
 
-    /// Unloads `name` and loads it again from the same directory with the same settings: how a model
-    /// that went FAILED (or whose files changed) comes back.
+    /// Unloads `name` and loads it again from the same directory with what it was loaded with (a
+    /// worker count given to `load`, else `sidecar.yaml`'s, autoscaling included): how a model that
+    /// went FAILED (or whose files changed) comes back. If loading fails, the model stays listed as
+    /// FAILED with the reason (its requests refused with it) until the next reload or an unload.
     @discardableResult
     public func reload(_ name: String) async throws -> Model {
         guard let model = model(named: name) else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
         try await unload(name)
-        return try await load(model.bundle.directory.path, workers: model.configuration.workers, name: name)
+        do {
+            return try await load(model.bundle.directory.path, workers: model.requestedWorkers, name: name)
+        } catch {
+            // Refused as a FAILED model is (503 / UNAVAILABLE), with the load error as the reason.
+            let cause = error as? SidecarError
+            let failure = SidecarError(
+                .unavailable,
+                "model '\(name)' is FAILED: reloading it failed: \(cause?.message ?? "\(error)"). Fix the cause, then reload it (sidecar reload \(name)).",
+                detail: cause?.detail)
+            let batcher = Batcher(modelName: name, batching: model.configuration.batching, maxRetries: 0)
+            batcher.fail(failure)
+            let standIn = Model(
+                bundle: model.bundle, environment: model.environment, batcher: batcher, executor: FailedExecutor(failure: failure),
+                requestedWorkers: model.requestedWorkers, started: false)
+            state.withLock { state in
+                if state.models[name] == nil, !state.shuttingDown { state.models[name] = standIn }
+            }
+            logger.error("reloading '\(name)' failed; it stays listed as FAILED: \(failure.message)")
+            throw error
+        }
     }
 
     /// Unloads every model and ends ``run()``.

@@ -46,7 +46,11 @@ final class WorkerPool: Executor {
         var readySlots = Set<Int>()
         var initialSize: Int
         var readiness: Result<Void, SidecarError>?
-        var readyWaiters: [CheckedContinuation<Void, any Error>] = []
+        /// Callers of ``waitUntilReady()``, by id so that a cancelled one can be taken out.
+        var readyWaiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
+        var nextWaiterID: UInt64 = 0
+        /// Waiters cancelled before they registered (the cancellation handler ran first).
+        var cancelledWaiters: Set<UInt64> = []
         /// Recent failures that count toward the breaker.
         var failures: Deque<ContinuousClock.Instant> = []
         /// Set once the breaker tripped.
@@ -163,14 +167,31 @@ final class WorkerPool: Executor {
         batcher.fail(failure ?? SidecarError(.unavailable, "model '\(spec.model)' stopped"))
     }
 
+    /// Returns once every initial worker is ready, or throws why the pool cannot serve. Cancelling
+    /// the caller ends the wait with `CancellationError` (a load given up before the pool ran, or
+    /// while it starts, must not hang).
     func waitUntilReady() async throws {
-        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-            let outcome: Result<Void, SidecarError>? = state.withLock { state in
-                if let readiness = state.readiness { return readiness }
-                state.readyWaiters.append(continuation)
+        let id = state.withLock { state -> UInt64 in
+            state.nextWaiterID += 1
+            return state.nextWaiterID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+                let outcome: Result<Void, any Error>? = state.withLock { state in
+                    if state.cancelledWaiters.remove(id) != nil { return .failure(CancellationError()) }
+                    if let readiness = state.readiness { return readiness.mapError { $0 as any Error } }
+                    state.readyWaiters[id] = continuation
+                    return nil
+                }
+                if let outcome { continuation.resume(with: outcome) }
+            }
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
+                if let waiter = state.readyWaiters.removeValue(forKey: id) { return waiter }
+                state.cancelledWaiters.insert(id)
                 return nil
             }
-            if let outcome { continuation.resume(with: outcome) }
+            waiter?.resume(throwing: CancellationError())
         }
     }
 
@@ -234,6 +255,8 @@ final class WorkerPool: Executor {
         while true {
             let (done, failure): (Bool, SidecarError?) = state.withLock { state in
                 if let failure = state.failure { return (true, failure) }
+                // A stopping pool starts nothing more: waiting would only run out the timeout.
+                if state.stopping { return (true, SidecarError(.unavailable, "model '\(spec.model)' stopped while scaling to \(target) workers")) }
                 let ready = added.allSatisfy { slot in state.live[slot]?.withLock { $0.state.isServing } ?? false }
                 let gone = leavingSlots.allSatisfy { state.statuses[$0] == nil }
                 return (ready && gone, nil)
@@ -265,8 +288,8 @@ final class WorkerPool: Executor {
         let waiters: [CheckedContinuation<Void, any Error>] = state.withLock { state in
             guard state.readiness == nil else { return [] }
             state.readiness = outcome
-            defer { state.readyWaiters = [] }
-            return state.readyWaiters
+            defer { state.readyWaiters = [:] }
+            return Array(state.readyWaiters.values)
         }
         for waiter in waiters { waiter.resume(with: outcome.mapError { $0 as any Error }) }
     }

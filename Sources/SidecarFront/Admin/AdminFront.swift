@@ -118,10 +118,11 @@ struct AdminFront: Sendable {
         let body = try AdminScaleRequest.decode(try await body(request, what: "scale request"))
         let timeout = body.timeout
         if body.wait == false {
-            // Not tied to this request: the caller asked not to wait. The pool's own checks (stopping,
-            // FAILED) still apply; the outcome shows in the model's status.
+            // Not tied to this request (the caller asked not to wait) but to the host: graceful
+            // shutdown waits for it, and the pool's own checks (stopping, FAILED) end it early. The
+            // outcome shows in the model's status.
             let (workers, logger) = (body.workers, host.logger)
-            Task {
+            host.runInBackground {
                 do { try await model.scale(to: workers, timeout: timeout) } catch {
                     logger.warning("scaling '\(model.name)' to \(workers) workers: \(error)")
                 }
