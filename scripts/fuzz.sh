@@ -52,6 +52,9 @@ if [ ${#selected[@]} -gt 0 ]; then
   # ASan: a leak in a decoder is a finding too, but Swift's runtime keeps caches alive for the
   # process's life, which LeakSanitizer would report on every run.
   export ASAN_OPTIONS="detect_leaks=0:allocator_may_return_null=1:${ASAN_OPTIONS:-}"
+  # Swift's own crash handler would read the crashed process's memory under ASan (and be reported
+  # as the finding); libFuzzer prints the trace.
+  export SWIFT_BACKTRACE="enable=no"
 
   for target in "${selected[@]}"; do
     corpus="Fuzz/corpus/$target"

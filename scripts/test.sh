@@ -12,7 +12,9 @@ venv="$root/.build/pytest-venv"
 if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3.11 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check -r python/runtime-requirements.txt pytest numpy
+"$venv/bin/pip" install -q --disable-pip-version-check -r python/runtime-requirements.txt pytest numpy mypy types-protobuf grpc-stubs
+echo "== mypy: python/sidecar_worker"
+(cd python && "$venv/bin/python" -m mypy sidecar_worker)
 echo "== pytest: python/tests"
 (cd python && "$venv/bin/python" -m pytest -q tests)
 

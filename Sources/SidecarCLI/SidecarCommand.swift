@@ -47,7 +47,7 @@ func reportFailure(_ error: any Error) -> ExitCode {
         if let detail = error.detail, !detail.isEmpty {
             StandardStreams.err("\(detail)\n")
         }
-        return error.code == .invalidModel ? ExitCode(2) : ExitCode(1)
+        return error.code == .invalidModel || error.code == .invalidConfiguration ? ExitCode(2) : ExitCode(1)
     }
     StandardStreams.err("error: \(error)\n")
     return ExitCode(1)

@@ -31,6 +31,70 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
+/// What failed, as the supervisor acts on it.
+public nonisolated enum Sidecar_Worker_V1_ErrorKind: SwiftProtobuf.Enum, Swift.CaseIterable {
+  public typealias RawValue = Int
+
+  /// Sent by no current runtime; read as HANDLER_RAISED.
+  case unspecified // = 0
+
+  /// The handler raised for the batch: the supervisor bisects it to find the item(s) that raise.
+  case handlerRaised // = 1
+
+  /// The handler returned the wrong number or type of results: its contract broke for the whole
+  /// batch, not one item's doing, so the batch is not bisected.
+  case wrongResult // = 2
+
+  /// The worker runtime itself failed running the batch (not the handler): not bisected.
+  case runtimeFailed // = 3
+
+  /// An item's input could not be decoded (not JSON, a tensor no array can have): the caller's error.
+  case invalidInput // = 4
+
+  /// An item's result could not be encoded for the wire.
+  case notSerializable // = 5
+  case UNRECOGNIZED(Int)
+
+  public init() {
+    self = .unspecified
+  }
+
+  public init?(rawValue: Int) {
+    switch rawValue {
+    case 0: self = .unspecified
+    case 1: self = .handlerRaised
+    case 2: self = .wrongResult
+    case 3: self = .runtimeFailed
+    case 4: self = .invalidInput
+    case 5: self = .notSerializable
+    default: self = .UNRECOGNIZED(rawValue)
+    }
+  }
+
+  public var rawValue: Int {
+    switch self {
+    case .unspecified: return 0
+    case .handlerRaised: return 1
+    case .wrongResult: return 2
+    case .runtimeFailed: return 3
+    case .invalidInput: return 4
+    case .notSerializable: return 5
+    case .UNRECOGNIZED(let i): return i
+    }
+  }
+
+  // The compiler won't synthesize support with the UNRECOGNIZED case.
+  public static let allCases: [Sidecar_Worker_V1_ErrorKind] = [
+    .unspecified,
+    .handlerRaised,
+    .wrongResult,
+    .runtimeFailed,
+    .invalidInput,
+    .notSerializable,
+  ]
+
+}
+
 public nonisolated struct Sidecar_Worker_V1_SupervisorMessage: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
@@ -247,13 +311,16 @@ public nonisolated struct Sidecar_Worker_V1_Error: Sendable {
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  /// The Python exception type, e.g. "ValueError", or a Sidecar kind such as "WrongLength".
+  /// The Python exception type, e.g. "ValueError", or a Sidecar name such as "WrongLength". For
+  /// people only: the supervisor acts on `kind`, since a handler's exception may be called anything.
   public var type: String = String()
 
   public var message: String = String()
 
   /// The formatted Python traceback, when there is one.
   public var traceback: String = String()
+
+  public var kind: Sidecar_Worker_V1_ErrorKind = .unspecified
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -392,6 +459,10 @@ public nonisolated struct Sidecar_Worker_V1_LogRecord: Sendable {
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 fileprivate nonisolated let _protobuf_package = "sidecar.worker.v1"
+
+nonisolated extension Sidecar_Worker_V1_ErrorKind: SwiftProtobuf._ProtoNameProviding {
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0ERROR_KIND_UNSPECIFIED\0\u{1}HANDLER_RAISED\0\u{1}WRONG_RESULT\0\u{1}RUNTIME_FAILED\0\u{1}INVALID_INPUT\0\u{1}NOT_SERIALIZABLE\0")
+}
 
 nonisolated extension Sidecar_Worker_V1_SupervisorMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".SupervisorMessage"
@@ -788,7 +859,7 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
 
 nonisolated extension Sidecar_Worker_V1_Error: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Error"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}type\0\u{1}message\0\u{1}traceback\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}type\0\u{1}message\0\u{1}traceback\0\u{1}kind\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -799,6 +870,7 @@ nonisolated extension Sidecar_Worker_V1_Error: SwiftProtobuf.Message, SwiftProto
       case 1: try { try decoder.decodeSingularStringField(value: &self.type) }()
       case 2: try { try decoder.decodeSingularStringField(value: &self.message) }()
       case 3: try { try decoder.decodeSingularStringField(value: &self.traceback) }()
+      case 4: try { try decoder.decodeSingularEnumField(value: &self.kind) }()
       default: break
       }
     }
@@ -814,6 +886,9 @@ nonisolated extension Sidecar_Worker_V1_Error: SwiftProtobuf.Message, SwiftProto
     if !self.traceback.isEmpty {
       try visitor.visitSingularStringField(value: self.traceback, fieldNumber: 3)
     }
+    if self.kind != .unspecified {
+      try visitor.visitSingularEnumField(value: self.kind, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -821,6 +896,7 @@ nonisolated extension Sidecar_Worker_V1_Error: SwiftProtobuf.Message, SwiftProto
     if lhs.type != rhs.type {return false}
     if lhs.message != rhs.message {return false}
     if lhs.traceback != rhs.traceback {return false}
+    if lhs.kind != rhs.kind {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

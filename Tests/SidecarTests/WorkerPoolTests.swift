@@ -164,6 +164,40 @@ import Glibc
         }
     }
 
+    /// A handler's own exception named like a Sidecar error (`WrongLength`) is still the handler
+    /// raising: the batch is bisected and only the raising item fails. The supervisor used to decide
+    /// by the exception's class name and skipped poison isolation here.
+    @Test func handlerExceptionNamedLikeASidecarErrorIsStillIsolated() async throws {
+        let handler = """
+            class WrongLength(Exception):
+                pass
+
+            def predict(batch):
+                if "bad" in batch:
+                    raise WrongLength("bad item in the batch")
+                return batch
+            """
+        try await withTestModel(["handler.py": handler, "sidecar.yaml": "batching: {max_batch_size: 8}\n"]) { model in
+            let results = try await model.predict(batch: ["a", "bad", "c"].map { Fixtures.json("\"\($0)\"") })
+            #expect(try results[0].get().json == "\"a\"")
+            #expect(try results[2].get().json == "\"c\"")
+            guard case .failure(let error) = results[1] else { Issue.record("the raising item must fail"); return }
+            #expect(error.kind == .handlerError)
+            #expect(error.type == "WrongLength")
+        }
+    }
+
+    /// An input the worker cannot decode is the caller's error (the front answers 400), not the model's.
+    @Test func undecodableInputIsTheCallersError() async throws {
+        try await withTestModel(["handler.py": "def predict(batch):\n    return batch\n"]) { model in
+            let results = try await model.predict(batch: [Fixtures.json("1"), JSONValue(trusted: Data("not json".utf8))])
+            #expect(try results[0].get().json == "1")
+            guard case .failure(let error) = results[1] else { Issue.record("the undecodable item must fail"); return }
+            #expect(error.kind == .invalidInput)
+            #expect(error.type == "InvalidJSON")
+        }
+    }
+
     @Test func unserializableOutputFailsOnlyItsItem() async throws {
         let handler = "def predict(batch):\n    return [object() if x == 2 else x for x in batch]\n"
         try await withTestModel(["handler.py": handler]) { model in

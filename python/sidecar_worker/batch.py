@@ -29,6 +29,7 @@ def _handler_raised(batch_id: int, exc: Exception, seconds: float, errors: List[
             type=type(exc).__name__,
             message=str(exc),
             traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+            kind=pb.HANDLER_RAISED,
         ),
         compute_seconds=seconds,
     )
@@ -39,13 +40,14 @@ def _decode_tensors(items: Sequence[pb.TensorItem]) -> DecodedItems:
     try:
         load_numpy()
     except TensorError as exc:
-        return DecodedItems([], [], [item_error(i, exc.type_name, exc.message) for i in range(len(items))])
+        # numpy missing from the model's environment: not the caller's error.
+        return DecodedItems([], [], [item_error(i, exc.type_name, exc.message, pb.RUNTIME_FAILED) for i in range(len(items))])
     decoded = DecodedItems([], [], [])
     for index, item in enumerate(items):
         try:
             decoded.values.append(decode_tensor_item(item))
         except TensorError as exc:
-            decoded.errors.append(item_error(index, exc.type_name, f"item {index}: {exc.message}"))
+            decoded.errors.append(item_error(index, exc.type_name, f"item {index}: {exc.message}", pb.INVALID_INPUT))
         else:
             assert decoded.indices is not None
             decoded.indices.append(index)
@@ -68,7 +70,9 @@ def _encode_tensors(
         except Exception as exc:
             items[index].Clear()
             message = exc.message if isinstance(exc, TensorError) else f"{type(exc).__name__}: {exc}"
-            errors.append(item_error(index, "NotSerializable", f"result {index} cannot be sent as tensors: {message}"))
+            errors.append(
+                item_error(index, "NotSerializable", f"result {index} cannot be sent as tensors: {message}", pb.NOT_SERIALIZABLE)
+            )
     return errors
 
 
@@ -95,7 +99,7 @@ def _finish(batch: pb.Batch, decoded: DecodedItems, results: Any, seconds: float
         return pb.BatchResult(
             id=batch.id,
             item_errors=decoded.errors,
-            batch_error=pb.Error(type=failure.type_name, message=failure.message),
+            batch_error=pb.Error(type=failure.type_name, message=failure.message, kind=pb.WRONG_RESULT),
             compute_seconds=seconds,
         )
     result = pb.BatchResult(id=batch.id, compute_seconds=seconds)

@@ -57,8 +57,9 @@ else:  # pragma: no cover
     JSON_BACKEND = "json"
 
 
-def item_error(index: int, type_name: str, message: str) -> pb.ItemError:
-    return pb.ItemError(index=index, error=pb.Error(type=type_name, message=message))
+def item_error(index: int, type_name: str, message: str, kind: pb.ErrorKind) -> pb.ItemError:
+    """One item's error; `kind` is what the supervisor acts on (`type_name` is for people)."""
+    return pb.ItemError(index=index, error=pb.Error(type=type_name, message=message, kind=kind))
 
 
 @dataclass
@@ -86,7 +87,7 @@ def decode_items(items: Sequence[bytes]) -> DecodedItems:
         try:
             value = loads(item)
         except Exception as exc:
-            decoded.errors.append(item_error(index, "InvalidJSON", f"item {index} is not valid JSON: {exc}"))
+            decoded.errors.append(item_error(index, "InvalidJSON", f"item {index} is not valid JSON: {exc}", pb.INVALID_INPUT))
         else:
             decoded.values.append(value)
             assert decoded.indices is not None
@@ -152,6 +153,7 @@ def encode_outputs(
                     index,
                     "NotSerializable",
                     f"result {index} ({type(value).__name__}) is not JSON-serializable: {exc}",
+                    pb.NOT_SERIALIZABLE,
                 )
             )
     return b"[" + b",".join(parts) + b"]", errors

@@ -149,7 +149,8 @@ class _Session:
         except Exception as exc:  # a bug in the runtime; never leave the supervisor waiting
             log.exception("processing batch %d failed", batch.id)
             result = pb.BatchResult(
-                id=batch.id, batch_error=pb.Error(type="InternalError", message=f"{type(exc).__name__}: {exc}")
+                id=batch.id,
+                batch_error=pb.Error(type="InternalError", message=f"{type(exc).__name__}: {exc}", kind=pb.RUNTIME_FAILED),
             )
         self._put(pb.WorkerMessage(result=result))
 

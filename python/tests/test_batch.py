@@ -118,3 +118,23 @@ def test_async_handler():
     assert json.loads(result.outputs) == [2, 3]
     failed = asyncio.run(process_async(Handler(predict=failing, is_async=True, spec="t"), batch(b"1")))
     assert failed.batch_error.type == "KeyError"
+
+
+
+def test_error_kinds_are_stated_not_inferred_from_type_names():
+    """The supervisor bisects by `kind`, never by the exception's name: a handler's own WrongLength
+    is HANDLER_RAISED; a wrong-length return is WRONG_RESULT; bad input is INVALID_INPUT."""
+
+    class WrongLength(Exception):
+        pass
+
+    def raising(items):
+        raise WrongLength("mine")
+
+    raised = process_sync(sync(raising), batch(b"1", b"2"))
+    assert raised.batch_error.type == "WrongLength"
+    assert raised.batch_error.kind == pb.HANDLER_RAISED
+    short = process_sync(sync(lambda items: items[:1]), batch(b"1", b"2"))
+    assert short.batch_error.kind == pb.WRONG_RESULT
+    bad = process_sync(sync(lambda items: items), batch(b"1", b"nope"))
+    assert [(e.index, e.error.kind) for e in bad.item_errors] == [(1, pb.INVALID_INPUT)]

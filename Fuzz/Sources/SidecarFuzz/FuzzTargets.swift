@@ -235,8 +235,11 @@ func fuzzWorkerResult(_ data: Data) {
                 violated("splitter range \(range) outside the data")
             }
         }
-        // On valid JSON (what a worker sends) the splitter must agree with a real parser.
-        if let array = try? JSONSerialization.jsonObject(with: rest, options: [.fragmentsAllowed]) as? [Any] {
+        // On valid JSON (what a worker sends) the splitter must agree with a real parser. Raw control
+        // bytes are never valid JSON, but Foundation's parser accepts some inputs with NUL bytes
+        // (`[` NUL ` ` NUL `]` parses as [], found by this target), so such inputs are not compared.
+        let strict = !rest.contains(where: { $0 < 0x20 && $0 != 0x09 && $0 != 0x0A && $0 != 0x0D })
+        if strict, let array = try? JSONSerialization.jsonObject(with: rest, options: [.fragmentsAllowed]) as? [Any] {
             guard array.count == ranges.count else { violated("splitter found \(ranges.count) elements, the parser \(array.count)") }
             for range in ranges where (try? JSONSerialization.jsonObject(with: rest[range], options: [.fragmentsAllowed])) == nil {
                 violated("splitter element \(range) is not JSON")

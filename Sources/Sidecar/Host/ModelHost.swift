@@ -204,7 +204,7 @@ public final class ModelHost: Service, Sendable {
             let failure = SidecarError(
                 .unavailable,
                 "model '\(name)' is FAILED: reloading it failed: \(cause?.message ?? "\(error)"). Fix the cause, then reload it (sidecar reload \(name)).",
-                detail: cause?.detail)
+                detail: cause?.detail, cause: error)
             let batcher = Batcher(modelName: name, batching: model.configuration.batching, maxRetries: 0)
             batcher.fail(failure)
             let standIn = Model(

@@ -11,6 +11,9 @@ public struct SidecarError: Error, CustomStringConvertible, Sendable {
 
         /// A model directory or its `sidecar.yaml` is invalid. Nothing was started.
         public static let invalidModel = Code(name: "invalidModel")
+        /// The server's configuration (its `--config` file, an option, the admin token file) is
+        /// invalid. Nothing was started.
+        public static let invalidConfiguration = Code(name: "invalidConfiguration")
         /// The Python environment could not be built (venv creation or pip failed).
         public static let environmentFailed = Code(name: "environmentFailed")
         /// A worker could not start or the handler could not be loaded.
@@ -33,11 +36,15 @@ public struct SidecarError: Error, CustomStringConvertible, Sendable {
     public var message: String
     /// Extra detail a person needs to fix the problem: a Python traceback, pip's output.
     public var detail: String?
+    /// The error this one reports, when it wraps one (a decoding error, a failed load), so that a
+    /// caller can still look at what went wrong underneath (as grpc-swift-2's `RPCError.cause`).
+    public var cause: (any Error)?
 
-    public init(_ code: Code, _ message: String, detail: String? = nil) {
+    public init(_ code: Code, _ message: String, detail: String? = nil, cause: (any Error)? = nil) {
         self.code = code
         self.message = message
         self.detail = detail
+        self.cause = cause
     }
 
     public var description: String {
@@ -57,8 +64,11 @@ public struct PredictionError: Error, CustomStringConvertible, Sendable, Equatab
         public static let handlerError = Kind(name: "handlerError")
         /// The handler returned a result count different from the batch size, or not a list.
         public static let wrongLength = Kind(name: "wrongLength")
-        /// The item is not valid JSON, or the handler's output for it could not be serialized.
+        /// The handler's output for the item could not be serialized.
         public static let invalidItem = Kind(name: "invalidItem")
+        /// The item's input could not be decoded (not JSON, a tensor no array can have): the
+        /// caller's error, answered 400 / INVALID_ARGUMENT.
+        public static let invalidInput = Kind(name: "invalidInput")
         /// Workers died while running the item, more often than the retry limit allows.
         public static let workerDied = Kind(name: "workerDied")
         /// The model stopped before the item ran.

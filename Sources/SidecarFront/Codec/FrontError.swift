@@ -107,7 +107,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case let error as SidecarError:
             switch error.code {
             case .notFound: return FrontError(.notFound, error.message)
-            case .invalidInput, .invalidModel: return FrontError(.invalidArgument, error.message)
+            case .invalidInput, .invalidModel, .invalidConfiguration: return FrontError(.invalidArgument, error.message)
             case .queueFull: return FrontError(.queueFull, error.message)
             case .unavailable: return FrontError(.unavailable, error.message)
             case .deadlineExceeded: return FrontError(.deadlineExceeded, error.message)
@@ -118,8 +118,9 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
             default: return FrontError(.internalError, error.message)
             }
         case let error as PredictionError:
-            // The traceback goes to the log (the worker forwarded it); the client gets the message.
-            return FrontError(.internalError, "\(error.type): \(error.message)")
+            // An input the worker could not decode is the caller's error; anything else is the
+            // model's. The traceback goes to the log (the worker forwarded it); the client gets the message.
+            return FrontError(error.kind == .invalidInput ? .invalidArgument : .internalError, "\(error.type): \(error.message)")
         case let error as DecodingError:
             return FrontError(.invalidArgument, "malformed request: \(describe(error))")
         case is CancellationError:

@@ -8,7 +8,7 @@ public enum ServerConfigurationFile {
     public static func read(_ path: String) throws -> ServerConfiguration {
         let text: String
         do { text = try String(contentsOfFile: path, encoding: .utf8) } catch {
-            throw SidecarError(.invalidModel, "\(path): cannot read the server configuration: \(error.localizedDescription)")
+            throw SidecarError(.invalidConfiguration, "\(path): cannot read the server configuration: \(error.localizedDescription)", cause: error)
         }
         return try read(yaml: text, path: path)
     }
@@ -19,16 +19,16 @@ public enum ServerConfigurationFile {
         var configuration = ServerConfiguration()
         let root: Yams.Node?
         do { root = try Yams.compose(yaml: text) } catch {
-            throw SidecarError(.invalidModel, "\(path): not valid YAML: \(error)")
+            throw SidecarError(.invalidConfiguration, "\(path): not valid YAML: \(error)", cause: error)
         }
         guard let root else { return configuration }
-        guard let mapping = root.mapping else { throw SidecarError(.invalidModel, "\(path): the top level must be a mapping of keys") }
+        guard let mapping = root.mapping else { throw SidecarError(.invalidConfiguration, "\(path): the top level must be a mapping of keys") }
         let keys = [
             "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
             "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes",
         ]
         func fail(_ key: String, _ expected: String) -> SidecarError {
-            SidecarError(.invalidModel, "\(path): '\(key)' must be \(expected)")
+            SidecarError(.invalidConfiguration, "\(path): '\(key)' must be \(expected)")
         }
         func int(_ node: Yams.Node, _ key: String, _ range: ClosedRange<Int>) throws -> Int {
             guard let value = node.int, range.contains(value) else { throw fail(key, "an integer from \(range.lowerBound) to \(range.upperBound)") }
@@ -42,7 +42,7 @@ public enum ServerConfigurationFile {
         var pipArgs: [String] = []
         for (k, v) in mapping {
             guard let key = k.string, keys.contains(key) else {
-                throw SidecarError(.invalidModel, "\(path): unknown key '\(k.string ?? "?")'; expected one of: \(keys.joined(separator: ", "))")
+                throw SidecarError(.invalidConfiguration, "\(path): unknown key '\(k.string ?? "?")'; expected one of: \(keys.joined(separator: ", "))")
             }
             // Relative model paths are relative to the file, so the file works from any directory.
             let base = URL(fileURLWithPath: path).deletingLastPathComponent()
@@ -63,7 +63,7 @@ public enum ServerConfigurationFile {
                 guard let file = v.string, !file.isEmpty else { throw fail(key, "a file path") }
                 let resolved = file.hasPrefix("/") ? file : base.appendingPathComponent(file).path
                 do { configuration.adminToken = try readAdminToken(file: resolved) } catch let error as SidecarError {
-                    throw SidecarError(.invalidModel, "\(path): admin_token_file: \(error.message)")
+                    throw SidecarError(.invalidConfiguration, "\(path): admin_token_file: \(error.message)", cause: error)
                 }
             case "bundle_dir":
                 guard let dir = v.string, !dir.isEmpty else { throw fail(key, "a directory path") }
@@ -82,9 +82,9 @@ public enum ServerConfigurationFile {
 /// never "no token" (that would silently leave the admin API open).
 public func readAdminToken(file: String) throws -> String {
     guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
-        throw SidecarError(.invalidModel, "cannot read the admin token file \(file)")
+        throw SidecarError(.invalidConfiguration, "cannot read the admin token file \(file)")
     }
     let token = text.split(whereSeparator: \.isNewline).first.map { $0.trimmingCharacters(in: .whitespaces) } ?? ""
-    guard !token.isEmpty else { throw SidecarError(.invalidModel, "the admin token file \(file) is empty") }
+    guard !token.isEmpty else { throw SidecarError(.invalidConfiguration, "the admin token file \(file) is empty") }
     return token
 }

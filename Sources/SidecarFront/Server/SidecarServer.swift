@@ -64,7 +64,7 @@ public func runServer(
 ) async throws {
     if let port = configuration.adminPort, configuration.adminToken == nil, !isLoopback(configuration.adminHost) {
         throw SidecarError(
-            .invalidModel,
+            .invalidConfiguration,
             "the admin API would listen on \(configuration.adminHost):\(port) without a token; set admin_token_file "
                 + "(or --admin-token-file, or $SIDECAR_ADMIN_TOKEN), or bind it to 127.0.0.1")
     }

@@ -1,9 +1,25 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_KIND_UNSPECIFIED: _ClassVar[ErrorKind]
+    HANDLER_RAISED: _ClassVar[ErrorKind]
+    WRONG_RESULT: _ClassVar[ErrorKind]
+    RUNTIME_FAILED: _ClassVar[ErrorKind]
+    INVALID_INPUT: _ClassVar[ErrorKind]
+    NOT_SERIALIZABLE: _ClassVar[ErrorKind]
+ERROR_KIND_UNSPECIFIED: ErrorKind
+HANDLER_RAISED: ErrorKind
+WRONG_RESULT: ErrorKind
+RUNTIME_FAILED: ErrorKind
+INVALID_INPUT: ErrorKind
+NOT_SERIALIZABLE: ErrorKind
 
 class SupervisorMessage(_message.Message):
     __slots__ = ("batch", "ping", "shutdown")
@@ -76,14 +92,16 @@ class BatchResult(_message.Message):
     def __init__(self, id: _Optional[int] = ..., outputs: _Optional[bytes] = ..., item_errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., batch_error: _Optional[_Union[Error, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., tensor_outputs: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("type", "message", "traceback")
+    __slots__ = ("type", "message", "traceback", "kind")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     type: str
     message: str
     traceback: str
-    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
+    kind: ErrorKind
+    def __init__(self, type: _Optional[str] = ..., message: _Optional[str] = ..., traceback: _Optional[str] = ..., kind: _Optional[_Union[ErrorKind, str]] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("index", "error")
