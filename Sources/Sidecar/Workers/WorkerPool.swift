@@ -19,18 +19,11 @@ final class WorkerPool: Executor {
     let logger: Logger
     let policy: ModelConfiguration.RestartPolicy
 
-    /// What a slot's event loop reacts to. Workers are named by their generation within the slot.
+    /// What a slot's loop receives: an event for its ``SlotPolicy``, or a worker's exit with the
+    /// facts the runner needs beside the policy's (the load error, stderr, for reports).
     enum SlotEvent: Sendable {
-        case ready(generation: Int)
+        case policy(SlotPolicy.Event)
         case exited(generation: Int, WorkerExit)
-        /// The worker reached a `recycle:` limit.
-        case recycle(generation: Int, reason: String)
-        /// A backoff ended: start the replacement.
-        case restart
-        /// The slot leaves the pool (scale-down, or the model failed): drain its workers and end.
-        case retire
-        /// The pool is stopping: end once the workers have drained the queue and exited.
-        case stop
     }
 
     private struct State {
@@ -203,7 +196,7 @@ final class WorkerPool: Executor {
         // Workers keep taking what is queued; once the queue is empty each finishes its in-flight
         // batches and exits, and the slots see `stopping` and do not restart them.
         batcher.close()
-        for sink in sinks { sink.yield(.stop) }
+        for sink in sinks { sink.yield(.policy(.stop)) }
         resolveReadiness(.failure(SidecarError(.unavailable, "model '\(spec.model)' was stopped while starting")))
         finishSlotsIfEmpty()
     }
@@ -249,7 +242,7 @@ final class WorkerPool: Executor {
             return ([], leaving)
         }
         for slot in added { newSlotSink.yield(slot) }
-        for (_, sink) in leaving { sink.yield(.retire) }
+        for (_, sink) in leaving { sink.yield(.policy(.retire)) }
         let deadline = ContinuousClock.now.advanced(by: timeout)
         let leavingSlots = Set(leaving.map(\.0))
         while true {
@@ -335,140 +328,112 @@ final class WorkerPool: Executor {
         logger.critical("\(error.message)", metadata: error.detail.map { ["detail": "\($0)"] } ?? [:])
         batcher.fail(error)
         resolveReadiness(.failure(error))
-        for sink in sinks { sink.yield(.retire) }
+        for sink in sinks { sink.yield(.policy(.retire)) }
         finishSlotsIfEmpty()
     }
 
     // MARK: One slot
 
+    /// Runs one slot: its events go through the slot's ``SlotPolicy``, and this carries out the
+    /// actions it returns (processes, status, the breaker, backoff timers).
     private func runSlot(_ slot: Int) async {
         let (events, sink) = AsyncStream.makeStream(of: SlotEvent.self)
         guard let status = state.withLock({ state -> LockedBox<WorkerStatus>? in
             state.slots[slot] = sink
             return state.statuses[slot]
         }) else { return }
-        if isStopping { sink.yield(.stop) }
 
         await withDiscardingTaskGroup { group in
+            var slotPolicy = SlotPolicy(maxBackoff: policy.maxBackoff)
             var workers: [Int: WorkerProcess] = [:]
-            var current: Int?
-            /// A successor being started while `current` still serves (recycling).
-            var incoming: Int?
-            var nextGeneration = 0
-            var failuresInARow = 0
-            var leaving = false
+            /// The exit being handled, for the actions that report it.
+            var lastExit: WorkerExit?
 
-            func start() -> Int {
-                let generation = nextGeneration
-                nextGeneration += 1
-                let worker = WorkerProcess(
-                    spec: spec, index: slot, generation: generation, batcher: batcher, logger: logger,
-                    onReady: { sink.yield(.ready(generation: generation)) },
-                    onRecycle: { sink.yield(.recycle(generation: generation, reason: $0)) })
-                workers[generation] = worker
-                group.addTask { sink.yield(.exited(generation: generation, await worker.run())) }
-                return generation
+            func poolView() -> SlotPolicy.Pool {
+                state.withLock { SlotPolicy.Pool(stopping: $0.stopping, awaitingFirstReadiness: $0.readiness == nil) }
             }
 
-            if !isStopping {
-                current = start()
-                show(workers[current!], in: slot, history: status)
-            }
-            for await event in events {
-                switch event {
-                case .ready(let generation):
-                    if generation == incoming, let old = current {
-                        // The successor is ready: only now does the old worker stop taking batches.
-                        workers[old]?.retire()
-                        current = generation
-                        incoming = nil
-                        if let successor = workers[generation] { handOver(to: successor, in: slot) }
+            /// Carries out the policy's actions; false once the slot is finished.
+            func perform(_ actions: [SlotPolicy.Action]) -> Bool {
+                for action in actions {
+                    switch action {
+                    case .start(let generation):
+                        let worker = WorkerProcess(
+                            spec: spec, index: slot, generation: generation, batcher: batcher, logger: logger,
+                            onReady: { sink.yield(.policy(.ready(generation: generation))) },
+                            onRecycle: { sink.yield(.policy(.recycle(generation: generation, reason: $0))) })
+                        workers[generation] = worker
+                        group.addTask { sink.yield(.exited(generation: generation, await worker.run())) }
+                    case .show(let generation):
+                        show(generation.flatMap { workers[$0] }, in: slot, history: status)
+                    case .handOver(_, let successor):
+                        if let worker = workers[successor] { handOver(to: worker, in: slot) }
                         status.withLock { $0.recycles += 1 }
+                    case .retireWorker(let generation):
+                        workers[generation]?.retire()
+                    case .drained(let generation):
+                        if let worker = workers[generation] { retired(worker, in: slot, history: status) }
+                    case .slotReady:
+                        slotReady(slot)
+                    case .countRestart(let reason):
+                        let message = "worker \(slot) \(reason)"
+                        status.withLock {
+                            $0.lastError = message
+                            $0.restarts += 1
+                            $0.state = .dead
+                        }
+                        Counter(label: "sidecar_worker_restarts_total", dimensions: [("model", spec.model)]).increment()
+                    case .recordFailure:
+                        if let lastExit { recordFailure(slot: slot, exit: lastExit) }
+                    case .failFirstStart:
+                        guard let exit = lastExit else { break }
+                        let detail = exit.loadError?.traceback ?? exit.stderrTail.joined(separator: "\n")
+                        let headline = exit.loadError.map { "\($0.type): \($0.message)" } ?? exit.reason
+                        resolveReadiness(.failure(SidecarError(
+                            .loadFailed, "model '\(spec.model)': worker \(slot) failed to start: \(headline)", detail: detail)))
+                    case .scheduleRestart(let delay):
+                        group.addTask {
+                            try? await Task.sleep(for: delay)
+                            sink.yield(.policy(.restart))
+                        }
+                    case .log(.recycling(let reason)):
+                        logger.info("recycling worker \(slot): \(reason); starting its successor first")
+                    case .log(.successorFailed(let reason)):
+                        logger.warning("the successor of worker \(slot) failed to start (\(reason)); the current one keeps serving")
+                    case .log(.died(let reason, let unanswered)):
+                        let message = "worker \(slot) \(reason)"
+                        switch unanswered {
+                        case 0: logger.warning("\(message)")
+                        case 1: logger.warning("\(message); the batch it was running is split and run again")
+                        default: logger.warning("\(message); its \(unanswered) unanswered batches run again, each alone on a worker")
+                        }
+                    case .finish:
+                        return false
                     }
-                    if generation == current { slotReady(slot) }
+                }
+                return true
+            }
 
-                case .recycle(let generation, let reason):
-                    guard generation == current, incoming == nil, !leaving, !isStopping else { break }
-                    logger.info("recycling worker \(slot): \(reason); starting its successor first")
-                    incoming = start()
-
+            var running = perform(slotPolicy.handle(.begin, pool: poolView()))
+            var pending = events.makeAsyncIterator()
+            while running, let event = await pending.next() {
+                switch event {
+                case .policy(let event):
+                    running = perform(slotPolicy.handle(event, pool: poolView()))
                 case .exited(let generation, let exit):
-                    guard let worker = workers.removeValue(forKey: generation) else { break }
+                    guard let worker = workers[generation] else { break }
                     // Nothing is lost: what the worker had not answered goes back to the batcher, which
                     // blames only a batch that is known to have been running (see workerDied(unanswered:)).
                     let unanswered = worker.window.close()
                     batcher.workerDied(unanswered: unanswered, reason: "worker \(slot) \(exit.reason)")
-                    if generation == incoming {
-                        incoming = nil
-                        // Stopping while the successor was starting: it just leaves with the rest.
-                        if exit.retired || isStopping || leaving { break }
-                        logger.warning("the successor of worker \(slot) failed to start (\(exit.reason)); the current one keeps serving")
-                        if !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
-                        break
-                    }
-                    guard generation == current else {  // a recycled worker finished draining
-                        retired(worker, in: slot, history: status)
-                        break
-                    }
-                    current = nil
-                    show(nil, in: slot, history: status)
-                    if exit.retired || isStopping || leaving { break }
-
-                    let message = "worker \(slot) \(exit.reason)"
-                    status.withLock {
-                        $0.lastError = message
-                        $0.restarts += 1
-                        $0.state = .dead
-                    }
-                    Counter(label: "sidecar_worker_restarts_total", dimensions: [("model", spec.model)]).increment()
-                    if unanswered.isEmpty {
-                        logger.warning("\(message)")
-                    } else {
-                        logger.warning("\(message); \(unanswered.count == 1 ? "the batch it was running is split and run again" : "its \(unanswered.count) unanswered batches run again, each alone on a worker")")
-                    }
-                    let initial = state.withLock { $0.readiness == nil }
-                    if initial, !exit.becameReady {
-                        // The first start failed: report it rather than retrying a handler that cannot load.
-                        let detail = exit.loadError?.traceback ?? exit.stderrTail.joined(separator: "\n")
-                        let headline = exit.loadError.map { "\($0.type): \($0.message)" } ?? exit.reason
-                        resolveReadiness(.failure(SidecarError(.loadFailed, "model '\(spec.model)': worker \(slot) failed to start: \(headline)", detail: detail)))
-                        leaving = true
-                        break
-                    }
-                    // A death while running a batch is blamed on the batch (poison isolation splits
-                    // it), and a SIGKILL from outside (an operator, the OOM killer, chaos testing) is
-                    // not the model's doing; anything else counts toward the crash-loop breaker.
-                    if unanswered.isEmpty, !exit.killedFromOutside { recordFailure(slot: slot, exit: exit) }
-                    if let successor = incoming {
-                        current = successor
-                        incoming = nil
-                        show(workers[successor], in: slot, history: status)
-                        break
-                    }
-                    failuresInARow = exit.becameReady ? 0 : failuresInARow + 1
-                    // Exponential backoff with jitter, so a crash loop does not spin and replacements of
-                    // several workers do not start in lockstep.
-                    let delay = min(policy.maxBackoff.inSeconds, 0.1 * pow(2.0, Double(failuresInARow))) * Double.random(in: 0.5...1.0)
-                    group.addTask {
-                        try? await Task.sleep(for: .milliseconds(Int(delay * 1000)))
-                        sink.yield(.restart)
-                    }
-
-                case .restart:
-                    if current == nil, !leaving, !isStopping {
-                        current = start()
-                        show(workers[current!], in: slot, history: status)
-                    }
-
-                case .retire:
-                    leaving = true
-                    incoming = nil
-                    for worker in workers.values { worker.retire() }
-
-                case .stop:
-                    break
+                    lastExit = exit
+                    let facts = SlotPolicy.Exit(
+                        becameReady: exit.becameReady, retired: exit.retired, killedFromOutside: exit.killedFromOutside,
+                        unanswered: unanswered.count, reason: exit.reason)
+                    running = perform(slotPolicy.handle(.exited(generation: generation, facts), pool: poolView()))
+                    workers.removeValue(forKey: generation)
+                    lastExit = nil
                 }
-                if workers.isEmpty, leaving || isStopping { break }
             }
             // Pending backoff sleeps end with the slot.
             group.cancelAll()
