@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sidecar_worker.codec import check_results, decode_items, encode_outputs
-from sidecar_worker.handler import load_handler, make_context
+from sidecar_worker.loading import load_handler, make_context
 
 
 def rate(step: Callable[[], Any], items: int, seconds: float) -> float:

@@ -12,7 +12,7 @@ import traceback
 from typing import Any, List, Optional, Sequence, Tuple
 
 from .codec import BatchFailure, DecodedItems, check_results, decode_items, encode_outputs, item_error
-from .handler import Handler
+from .loading import Handler
 from .proto import worker_pb2 as pb
 from .tensors import TensorError, decode_tensor_item, encode_tensor_outputs, load_numpy, split_rows
 

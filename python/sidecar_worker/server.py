@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 import grpc
 
 from . import PROTOCOL_VERSION, __version__, lifeline
-from .handler import make_context
-from .loading import LoadOutcome, start_loading
+from .loading import make_context
+from .startup import LoadOutcome, start_loading
 from .logs import LogForwarder, install
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc

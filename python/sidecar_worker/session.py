@@ -21,8 +21,8 @@ from typing import AsyncIterator, List, Optional, Set
 import grpc
 
 from .batch import process_async, process_sync
-from .handler import Handler
-from .loading import LoadOutcome
+from .loading import Handler
+from .startup import LoadOutcome
 from .logs import LogForwarder
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc

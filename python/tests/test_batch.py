@@ -7,7 +7,7 @@ from typing import Any, Callable, List
 import pytest
 
 from sidecar_worker.batch import process_async, process_sync
-from sidecar_worker.handler import Handler
+from sidecar_worker.loading import Handler
 from sidecar_worker.proto import worker_pb2 as pb
 
 

@@ -133,7 +133,7 @@ def test_runtime_never_imports_numpy():
         """
 import sys
 from sidecar_worker import server, session, batch, codec
-from sidecar_worker.handler import Handler
+from sidecar_worker.loading import Handler
 from sidecar_worker.proto import worker_pb2 as pb
 r = batch.process_sync(Handler(lambda items: [{1, 2}] * len(items), False, "t"), pb.Batch(id=1, items=[b"1", b"x"]))
 check = codec.check_results

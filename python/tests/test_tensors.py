@@ -13,7 +13,7 @@ np = pytest.importorskip("numpy")
 
 from sidecar_worker import tensors  # noqa: E402
 from sidecar_worker.batch import process_async, process_sync  # noqa: E402
-from sidecar_worker.handler import Handler  # noqa: E402
+from sidecar_worker.loading import Handler  # noqa: E402
 from sidecar_worker.proto import worker_pb2 as pb  # noqa: E402
 from sidecar_worker.tensors import (  # noqa: E402
     TensorError,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar_worker.handler import Context, HandlerLoadError, load_handler, make_context
+from sidecar_worker.loading import Context, HandlerLoadError, load_handler, make_context
 
 
 def context(model_dir: Path, config: dict | None = None) -> Context:
