@@ -216,7 +216,7 @@ public enum BundleArchive {
 
     /// The lowercase hex SHA-256 of `data`, as `unpack` expects it.
     public static func sha256Hex(of data: Data) -> String {
-        SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        hex(SHA256.hash(data: data))
     }
 }
 

@@ -82,6 +82,12 @@ public final class ModelHost: Service, Sendable {
         if accepted { startSink.yield(work) }
     }
 
+    /// The error for a model name that is not loaded, listing those that are.
+    public func noModel(named name: String) -> SidecarError {
+        let loaded = modelNames
+        return SidecarError(.notFound, "no model named '\(name)'; loaded: \(loaded.isEmpty ? "none" : loaded.joined(separator: ", "))")
+    }
+
     /// Names of the loaded models.
     public var modelNames: [String] { state.withLock { $0.models.keys.sorted() } }
 
@@ -171,7 +177,7 @@ public final class ModelHost: Service, Sendable {
         let (model, finished) = state.withLock { state in
             (state.models.removeValue(forKey: name), state.finished.removeValue(forKey: name))
         }
-        guard let model else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
+        guard let model else { throw noModel(named: name) }
         model.executor.stop()
         if let finished { for await _ in finished {} }
         if model.started, let cleanup = model.bundle.cleanupScript {
@@ -194,7 +200,7 @@ public final class ModelHost: Service, Sendable {
     /// FAILED with the reason (its requests refused with it) until the next reload or an unload.
     @discardableResult
     public func reload(_ name: String) async throws -> Model {
-        guard let model = model(named: name) else { throw SidecarError(.notFound, "no model named '\(name)' is loaded") }
+        guard let model = model(named: name) else { throw noModel(named: name) }
         try await unload(name)
         do {
             return try await load(model.bundle.directory.path, workers: model.requestedWorkers, name: name)

@@ -72,13 +72,3 @@ public struct ModelBundle: Sendable {
         return FileManager.default.fileExists(atPath: file.path) ? file : nil
     }
 }
-
-/// Hex SHA-256 of the given parts, each length-prefixed so that ("ab", "c") and ("a", "bc") differ.
-func sha256Hex(_ parts: [Data]) -> String {
-    var hasher = SHA256()
-    for part in parts {
-        withUnsafeBytes(of: UInt64(part.count).littleEndian) { hasher.update(bufferPointer: $0) }
-        hasher.update(data: part)
-    }
-    return hasher.finalize().map { String(format: "%02x", $0) }.joined()
-}

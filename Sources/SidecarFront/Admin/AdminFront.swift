@@ -53,7 +53,7 @@ struct AdminFront: Sendable {
     private func model(_ context: BasicRequestContext) throws -> Model {
         let name = try context.parameters.require("model")
         guard let model = host.model(named: name) else {
-            throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+            throw FrontError.from(host.noModel(named: name))
         }
         return model
     }

@@ -135,7 +135,7 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
 
     private func model(_ name: String, version: String) throws -> Model {
         guard let model = host.model(named: name) else {
-            throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))").rpcError
+            throw FrontError.from(host.noModel(named: name)).rpcError
         }
         guard version.isEmpty || version == "1" else {
             throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1").rpcError

@@ -38,7 +38,7 @@ struct HTTPFront: Sendable {
         router.get("status/{model}") { _, context in
             let name = try context.parameters.require("model")
             guard let model = host.model(named: name) else {
-                throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+                throw FrontError.from(host.noModel(named: name))
             }
             return json(StatusReport.model(model))
         }
@@ -73,7 +73,7 @@ struct HTTPFront: Sendable {
     private func model(_ context: BasicRequestContext) throws -> Model {
         let name = try context.parameters.require("model")
         guard let model = host.model(named: name) else {
-            throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+            throw FrontError.from(host.noModel(named: name))
         }
         if let version = context.parameters.get("version"), version != "1" {
             throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1")
@@ -144,7 +144,7 @@ struct HTTPFront: Sendable {
         let name = String(spec.dropLast(":predict".count))
         do {
             guard let model = host.model(named: name) else {
-                throw FrontError(.notFound, "no model named '\(name)'; loaded: \(host.modelNames.joined(separator: ", "))")
+                throw FrontError.from(host.noModel(named: name))
             }
             let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
