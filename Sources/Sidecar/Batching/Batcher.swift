@@ -110,36 +110,15 @@ final class Batcher: Sendable {
         static func == (a: Self, b: Self) -> Bool { a.deadline == b.deadline }
     }
 
-    private struct Pinned {
-        var chunks: [Chunk]
-        /// Dispatched as a ``BatchJob/runsAlone`` batch.
-        var alone: Bool
-        var count: Int { chunks.reduce(0) { $0 + $1.range.count } }
-    }
-
     private struct State {
-        var queue: Deque<Chunk> = []
-        /// Halves of batches that raised or whose worker died, and batches of a worker that died:
-        /// dispatched first, each as its own batch, never merged.
-        var pinned: Deque<Pinned> = []
-        var queuedItems = 0
+        var items: BatchQueue
         var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
         var waiterOrder: Deque<UInt64> = []
         var nextWaiterID: UInt64 = 0
-        var nextBatchID: UInt64 = 1
         var closed = false
         var closedReason: SidecarError?
-        var statistics = BatchStatistics()
         var deadlines = Heap<DeadlineEntry>()
         var deadlineWatcher: CheckedContinuation<Void, Never>?
-
-        /// Drops chunks of requests that are already answered (cancelled, expired) so that they
-        /// stop counting against `max_queue`.
-        mutating func dropFinished() {
-            queue.removeAll { $0.request.isFinished }
-            pinned = Deque(pinned.map { Pinned(chunks: $0.chunks.filter { !$0.request.isFinished }, alone: $0.alone) }.filter { !$0.chunks.isEmpty })
-            queuedItems = queue.reduce(0) { $0 + $1.range.count } + pinned.reduce(0) { $0 + $1.count }
-        }
 
         mutating func popWaiter() -> CheckedContinuation<Void, Never>? {
             while let id = waiterOrder.popFirst() {
@@ -149,7 +128,7 @@ final class Batcher: Sendable {
         }
     }
 
-    private let state = Mutex(State())
+    private let state: Mutex<State>
     /// Items per batch sent to a worker (`sidecar_batch_size`).
     private let batchSizes: Recorder
     /// Time from an item's arrival to its dispatch (`sidecar_queue_seconds`).
@@ -169,13 +148,14 @@ final class Batcher: Sendable {
         self.maxQueue = batching.maxQueue
         self.maxDelay = batching.maxDelay
         self.maxRetries = maxRetries
+        self.state = Mutex(State(items: BatchQueue(maxBatchSize: batching.maxBatchSize)))
     }
 
     /// Items waiting for a worker.
-    var queuedItems: Int { state.withLock { $0.queuedItems } }
+    var queuedItems: Int { state.withLock { $0.items.queuedItems } }
 
     /// Batches formed so far and the items they carried.
-    var statistics: BatchStatistics { state.withLock { $0.statistics } }
+    var statistics: BatchStatistics { state.withLock { $0.items.statistics } }
 
     // MARK: Callers
 
@@ -201,16 +181,15 @@ final class Batcher: Sendable {
             if state.closed {
                 return .failure(state.closedReason ?? SidecarError(.unavailable, "model '\(modelName)' is not serving"))
             }
-            if state.queuedItems + count > maxQueue {
+            if state.items.queuedItems + count > maxQueue {
                 let message = count > maxQueue
                     ? "model '\(modelName)': a request of \(count) items exceeds the queue limit of \(maxQueue) (batching.max_queue); send fewer items per request"
-                    : "model '\(modelName)' queue is full (\(state.queuedItems) of \(maxQueue) items, batching.max_queue); retry later"
+                    : "model '\(modelName)' queue is full (\(state.items.queuedItems) of \(maxQueue) items, batching.max_queue); retry later"
                 return .failure(SidecarError(.queueFull, message))
             }
             if let deadline = request.deadline, deadline <= .now { return .failure(deadlineError(for: request)) }
             guard request.attach(continuation) else { return .failure(CancellationError()) }
-            state.queue.append(Chunk(request: request, range: 0..<count))
-            state.queuedItems += count
+            state.items.append(Chunk(request: request, range: 0..<count))
             if let deadline = request.deadline {
                 state.deadlines.insert(DeadlineEntry(deadline: deadline, request: request))
                 if let watcher = state.deadlineWatcher {
@@ -239,7 +218,7 @@ final class Batcher: Sendable {
 
     private func cancel(_ request: PendingRequest) {
         guard request.abort(with: CancellationError()) else { return }
-        state.withLock { $0.dropFinished() }
+        state.withLock { $0.items.dropFinished() }
     }
 
     // MARK: Workers
@@ -251,18 +230,20 @@ final class Batcher: Sendable {
             enum Step { case batch(BatchJob, wake: CheckedContinuation<Void, Never>?), finished, linger(ContinuousClock.Instant), wait }
             var expired: [PendingRequest] = []
             let step: Step = state.withLock { state in
-                if let job = takePinned(&state, expired: &expired) {
-                    return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
+                let now = ContinuousClock.now
+                if let job = state.items.takePinned(now: now, expired: &expired) {
+                    return .batch(job, wake: state.items.queuedItems > 0 ? state.popWaiter() : nil)
                 }
-                guard let oldest = state.queue.first else { return state.closed ? .finished : .wait }
-                if maxDelay > .zero, !state.closed, state.queuedItems < maxBatchSize {
+                guard let oldest = state.items.oldest else { return state.closed ? .finished : .wait }
+                if maxDelay > .zero, !state.closed, state.items.queuedItems < maxBatchSize {
                     let deadline = oldest.request.enqueuedAt.advanced(by: maxDelay)
-                    if deadline > .now { return .linger(deadline) }
+                    if deadline > now { return .linger(deadline) }
                 }
-                let job = take(&state, expired: &expired)
-                if job.count == 0 { return state.closed && state.queue.isEmpty ? .finished : .wait }
+                guard let job = state.items.take(now: now, expired: &expired) else {
+                    return state.closed && state.items.isEmpty ? .finished : .wait
+                }
                 // More left than this batch took: let another free worker have it.
-                return .batch(job, wake: state.queuedItems > 0 ? state.popWaiter() : nil)
+                return .batch(job, wake: state.items.queuedItems > 0 ? state.popWaiter() : nil)
             }
             for request in expired { request.abort(with: deadlineError(for: request)) }
             switch step {
@@ -287,70 +268,6 @@ final class Batcher: Sendable {
         return nil
     }
 
-    private func takePinned(_ state: inout State, expired: inout [PendingRequest]) -> BatchJob? {
-        let now = ContinuousClock.now
-        while let pinned = state.pinned.popFirst() {
-            state.queuedItems -= pinned.count
-            let live = pinned.chunks.filter { chunk in
-                if chunk.request.isFinished { return false }
-                if let deadline = chunk.request.deadline, deadline <= now {
-                    expired.append(chunk.request)
-                    return false
-                }
-                return true
-            }
-            guard !live.isEmpty else { continue }
-            let id = state.nextBatchID
-            state.nextBatchID += 1
-            state.statistics.batches += 1
-            let count = live.reduce(0) { $0 + $1.range.count }
-            state.statistics.items += count
-            return BatchJob(id: id, chunks: live, count: count, runsAlone: pinned.alone)
-        }
-        return nil
-    }
-
-    private func take(_ state: inout State, expired: inout [PendingRequest]) -> BatchJob {
-        var chunks: [Chunk] = []
-        var count = 0
-        var kindIsJSON: Bool?
-        let now = ContinuousClock.now
-        while count < maxBatchSize, var chunk = state.queue.popFirst() {
-            if chunk.request.isFinished {  // cancelled or answered while queued: drop it
-                state.queuedItems -= chunk.range.count
-                continue
-            }
-            if let deadline = chunk.request.deadline, deadline <= now {
-                // Its caller has stopped waiting: never dispatch it (the watch may not have run yet).
-                state.queuedItems -= chunk.range.count
-                expired.append(chunk.request)
-                continue
-            }
-            // One kind per batch: the handler gets JSON values or tensor dicts, never a mix.
-            let isJSON = chunk.request.items[chunk.range.lowerBound].isJSON
-            if let kindIsJSON, kindIsJSON != isJSON {
-                state.queue.prepend(chunk)
-                break
-            }
-            kindIsJSON = isJSON
-            let room = maxBatchSize - count
-            if chunk.range.count > room {
-                let split = chunk.range.lowerBound + room
-                state.queue.prepend(Chunk(request: chunk.request, range: split..<chunk.range.upperBound, attempts: chunk.attempts))
-                chunk.range = chunk.range.lowerBound..<split
-            }
-            count += chunk.range.count
-            state.queuedItems -= chunk.range.count
-            chunks.append(chunk)
-        }
-        guard count > 0 else { return BatchJob(id: 0, chunks: [], count: 0) }
-        let id = state.nextBatchID
-        state.nextBatchID += 1
-        state.statistics.batches += 1
-        state.statistics.items += count
-        return BatchJob(id: id, chunks: chunks, count: count)
-    }
-
     private func waitForItems() async {
         let id: UInt64 = state.withLock { state in
             state.nextWaiterID += 1
@@ -362,7 +279,7 @@ final class Batcher: Sendable {
                     // Pinned batches count too: a bisect or a death that pins halves between
                     // nextBatch's look and this one finds no waiter to wake, and this worker would
                     // sleep beside them forever.
-                    if !state.queue.isEmpty || !state.pinned.isEmpty || state.closed || Task.isCancelled { return true }
+                    if !state.items.isEmpty || state.closed || Task.isCancelled { return true }
                     state.waiters[id] = continuation
                     state.waiterOrder.append(id)
                     return false
@@ -378,35 +295,11 @@ final class Batcher: Sendable {
     /// batch of its own; halves that raise are split again, so in the end only the items that raise
     /// by themselves get the error, and the others their predictions.
     func bisect(_ job: BatchJob) {
-        let (left, right) = Self.halves(of: job.chunks, count: job.count)
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            state.pinned.prepend(Pinned(chunks: right, alone: false))
-            state.pinned.prepend(Pinned(chunks: left, alone: false))
-            state.queuedItems += job.count
+            state.items.pinHalves(of: job.chunks, count: job.count, alone: false)
             return state.popWaiter()
         }
         waiter?.resume()
-    }
-
-    /// `chunks` (holding `count` items) split into two runs of about half the items each.
-    private static func halves(of chunks: [Chunk], count: Int) -> ([Chunk], [Chunk]) {
-        var left: [Chunk] = []
-        var right: [Chunk] = []
-        var remaining = count / 2
-        for chunk in chunks {
-            if remaining >= chunk.range.count {
-                left.append(chunk)
-                remaining -= chunk.range.count
-            } else if remaining > 0 {
-                let split = chunk.range.lowerBound + remaining
-                left.append(Chunk(request: chunk.request, range: chunk.range.lowerBound..<split, attempts: chunk.attempts))
-                right.append(Chunk(request: chunk.request, range: split..<chunk.range.upperBound, attempts: chunk.attempts))
-                remaining = 0
-            } else {
-                right.append(chunk)
-            }
-        }
-        return (left, right)
     }
 
     /// Puts a batch that never reached its worker back at the head of the queue (a batch that
@@ -416,16 +309,11 @@ final class Batcher: Sendable {
             if job.runsAlone {
                 let live = job.chunks.filter { !$0.request.isFinished }
                 guard !live.isEmpty else { return nil }
-                let pinned = Pinned(chunks: live, alone: true)
-                state.pinned.prepend(pinned)
-                state.queuedItems += pinned.count
+                state.items.pin(live, alone: true)
                 return state.popWaiter()
             }
-            for chunk in job.chunks.reversed() where !chunk.request.isFinished {
-                state.queue.prepend(chunk)
-                state.queuedItems += chunk.range.count
-            }
-            return state.queue.isEmpty ? nil : state.popWaiter()
+            state.items.prepend(job.chunks.filter { !$0.request.isFinished })
+            return state.items.isEmpty ? nil : state.popWaiter()
         }
         waiter?.resume()
     }
@@ -454,11 +342,7 @@ final class Batcher: Sendable {
                 failures = live.flatMap { $0.map { ($0, PredictionError(kind: .workerDied, type: "WorkerDied", message: why)) } }
                 return nil
             }
-            for chunks in live.reversed() {
-                let pinned = Pinned(chunks: chunks, alone: true)
-                state.pinned.prepend(pinned)
-                state.queuedItems += pinned.count
-            }
+            for chunks in live.reversed() { state.items.pin(chunks, alone: true) }
             return live.isEmpty ? nil : state.popWaiter()
         }
         waiter?.resume()
@@ -490,10 +374,7 @@ final class Batcher: Sendable {
                 return nil
             }
             if count > 1 {
-                let (left, right) = Self.halves(of: live, count: count)
-                state.pinned.prepend(Pinned(chunks: right, alone: true))
-                state.pinned.prepend(Pinned(chunks: left, alone: true))
-                state.queuedItems += count
+                state.items.pinHalves(of: live, count: count, alone: true)
                 return state.popWaiter()
             }
             var chunk = live[0]
@@ -504,8 +385,7 @@ final class Batcher: Sendable {
                     message: "\(reason); this item was running alone each time its worker died (\(chunk.attempts) times, max_retries: \(maxRetries)), so it is likely what kills the worker"))]
                 return nil
             }
-            state.pinned.prepend(Pinned(chunks: [chunk], alone: true))
-            state.queuedItems += 1
+            state.items.pin([chunk], alone: true)
             return state.popWaiter()
         }
         waiter?.resume()
@@ -556,7 +436,7 @@ final class Batcher: Sendable {
         }
         guard !due.isEmpty else { return }
         for request in due { request.abort(with: deadlineError(for: request)) }
-        state.withLock { $0.dropFinished() }
+        state.withLock { $0.items.dropFinished() }
     }
 
     /// Stops accepting items. Workers still drain what is queued; once it is empty ``nextBatch()``
@@ -575,8 +455,7 @@ final class Batcher: Sendable {
         let chunks: [Chunk] = state.withLock { state in
             state.closed = true
             state.closedReason = error
-            defer { state.queue.removeAll(); state.pinned.removeAll(); state.queuedItems = 0 }
-            return Array(state.queue) + state.pinned.flatMap { $0.chunks }
+            return state.items.removeAll()
         }
         close()
         for chunk in chunks { chunk.request.abort(with: error) }

@@ -29,12 +29,6 @@ public enum Checked {
         }
         return result
     }
-
-    /// `value` as an Int64 when it is finite and fits, else nil (`Int64(_: Double)` traps).
-    @inlinable
-    public static func int64(_ value: Double) -> Int64? {
-        Int64(exactly: value.rounded(.towardZero))
-    }
 }
 
 extension Duration {

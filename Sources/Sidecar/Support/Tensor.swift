@@ -143,15 +143,15 @@ public struct Tensor: Sendable, Equatable {
     /// Encodes elements in the BYTES layout. An element longer than its 32-bit length prefix can
     /// say (4 GiB) is refused rather than truncated.
     public static func bytesData(_ elements: [Data]) throws -> Data {
-        var total = 0
+        var total: Int? = 0
         for element in elements {
             guard element.count <= Int(UInt32.max) else {
                 throw SidecarError(.invalidInput, "a BYTES element of \(element.count) bytes is longer than its 4-byte length prefix can describe (4 GiB)")
             }
-            total = Checked.add(total, 4 + element.count) ?? Int.max
+            total = total.flatMap { Checked.add($0, 4 + element.count) }
         }
         var data = Data()
-        data.reserveCapacity(total)
+        if let total { data.reserveCapacity(total) }
         for element in elements {
             withUnsafeBytes(of: UInt32(element.count).littleEndian) { data.append(contentsOf: $0) }
             data.append(element)

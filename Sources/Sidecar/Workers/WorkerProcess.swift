@@ -61,20 +61,49 @@ final class WorkerProcess: Sendable {
     /// Items this process may handle before it asks to be recycled (nil: no limit).
     private let itemLimit: Int?
 
+    /// One life's session, as a phase and the facts about how it ends. Phases only move forward
+    /// (starting → serving → draining → exited; a worker may exit from any phase), so a late event
+    /// (a Ready after the process died) cannot move the session back.
     private struct Session {
-        var pid: pid_t = 0
-        var ready = false
-        var loadError: PredictionError?
-        var endReason: String?
-        var lastPong = ContinuousClock.now
-        /// Draining: the model stopped or the worker was retired.
-        var stopping = false
+        enum Phase: Int, Comparable {
+            /// Spawned, loading the handler.
+            case starting
+            /// Ready: the dispatcher feeds it.
+            case serving
+            /// Takes no new batch (the model stopped or the worker was retired); finishes its own.
+            case draining
+            /// The process is gone: its pid (and group id) may already belong to another process,
+            /// so nothing may be sent to it any more.
+            case exited
+
+            static func < (a: Phase, b: Phase) -> Bool { a.rawValue < b.rawValue }
+        }
+
+        private(set) var phase = Phase.starting
+        /// It reached `serving` at some point (it may be draining or gone now).
+        private(set) var becameReady = false
+        /// It entered `draining` before it exited: it was told to stop, so its exit is no failure.
+        private(set) var drained = false
+        /// ``retire()`` was called: asked to leave, not a failure, even before it was ready.
         var retired = false
         /// The supervisor killed it (hung, stuck, past the grace): not an outside kill.
         var killedBySupervisor = false
-        /// The process is gone: its pid (and group id) may already belong to another process, so
-        /// nothing may be sent to it any more.
-        var exited = false
+        var pid: pid_t = 0
+        var loadError: PredictionError?
+        var endReason: String?
+        var lastPong = ContinuousClock.now
+
+        var isReady: Bool { becameReady }
+        var isDraining: Bool { phase >= .draining }
+        var hasExited: Bool { phase == .exited }
+
+        /// Moves forward to `next`; a step back is ignored.
+        mutating func advance(to next: Phase) {
+            guard next > phase else { return }
+            if next == .serving { becameReady = true }
+            if next == .draining { drained = true }
+            phase = next
+        }
     }
 
     private let session = Mutex(Session())
@@ -113,7 +142,7 @@ final class WorkerProcess: Sendable {
     func retire() {
         let (ready, pid, exited) = session.withLock { session -> (Bool, pid_t, Bool) in
             session.retired = true
-            return (session.ready, session.pid, session.exited)
+            return (session.isReady, session.pid, session.hasExited)
         }
         retirementSink.finish()
         if !ready, !exited { kill(group: pid, SIGKILL) }
@@ -124,7 +153,7 @@ final class WorkerProcess: Sendable {
     private func kill(group pid: pid_t, _ signal: Int32, deliberate: Bool = true) {
         let exited = session.withLock { session -> Bool in
             if deliberate { session.killedBySupervisor = true }
-            return session.exited
+            return session.hasExited
         }
         guard pid > 0, !exited else { return }
         _ = Glibc.kill(-pid, signal)
@@ -170,7 +199,7 @@ final class WorkerProcess: Sendable {
         } catch {
             termination = "could not be started: \(error)"
         }
-        session.withLock { $0.exited = true }
+        session.withLock { $0.advance(to: .exited) }
         try? FileManager.default.removeItem(atPath: socketPath)
         let end = session.withLock { $0 }
         let reason = end.endReason.map { "\($0); the process \(termination)" } ?? "the process \(termination)"
@@ -181,8 +210,8 @@ final class WorkerProcess: Sendable {
             $0.rssBytes = nil
         }
         return WorkerExit(
-            becameReady: end.ready, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines,
-            retired: end.retired || end.stopping, killedFromOutside: killedBySignal9 && !end.killedBySupervisor)
+            becameReady: end.becameReady, loadError: end.loadError, reason: reason, stderrTail: stderrTail.lines,
+            retired: end.retired || end.drained, killedFromOutside: killedBySignal9 && !end.killedBySupervisor)
     }
 
     private enum Finished { case processGone, sessionEnded, killed }
@@ -221,7 +250,7 @@ final class WorkerProcess: Sendable {
             if first == .sessionEnded {
                 // Told to stop: the worker got Shutdown in-band and normally exits at once; if not,
                 // SIGTERM, and SIGKILL after that. A broken stream gets a moment, then SIGKILL.
-                let stopping = session.withLock { $0.stopping }
+                let stopping = session.withLock { $0.isDraining }
                 group.addTask {
                     if stopping {
                         try? await Task.sleep(for: .seconds(5))
@@ -311,7 +340,7 @@ final class WorkerProcess: Sendable {
                         sink.finish()
                     }
                 case .ready(let ready):
-                    session.withLock { $0.ready = true; $0.lastPong = .now }
+                    session.withLock { $0.advance(to: .serving); $0.lastPong = .now }
                     status.withLock { $0.state = .ready }
                     logger.info("worker ready", metadata: ["pid": "\(pid)", "load_seconds": "\(String(format: "%.2f", ready.loadSeconds))"])
                     onReady()
@@ -365,7 +394,7 @@ final class WorkerProcess: Sendable {
             group.cancelAll()
         }
         guard !Task.isCancelled else { return }
-        session.withLock { $0.stopping = true }
+        session.withLock { $0.advance(to: .draining) }
         // Let the batches in flight finish, up to the grace period, then say goodbye. Batches still
         // running at the end go back to the batcher once the process is gone.
         status.withLock { $0.state = .draining }
@@ -414,7 +443,7 @@ final class WorkerProcess: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: spec.timeouts.pingInterval)
             if Task.isCancelled { return }
-            let (ready, lastPong, stopping) = session.withLock { ($0.ready, $0.lastPong, $0.stopping) }
+            let (ready, lastPong, stopping) = session.withLock { ($0.isReady, $0.lastPong, $0.isDraining) }
             let now = ContinuousClock.now
             if !ready, now > startupDeadline {
                 setEndReason("did not become ready within \(spec.timeouts.startup) (timeouts.startup_s)")
