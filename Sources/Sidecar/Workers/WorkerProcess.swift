@@ -13,37 +13,6 @@ import System
 import SystemPackage
 #endif
 
-/// How to start the workers of one model.
-struct WorkerSpec: Sendable {
-    let model: String
-    let python: URL
-    let modelDirectory: URL
-    let handler: String
-    let handlerConfig: JSONValue
-    /// Where the workers' Unix sockets go (short: socket paths are limited to ~100 bytes).
-    let socketDirectory: URL
-    let timeouts: ModelConfiguration.Timeouts
-    let maxMessageBytes: Int
-    /// Batches one worker may have in flight.
-    let window: Int
-    var recycle = ModelConfiguration.Recycle()
-}
-
-/// How one worker process ended.
-struct WorkerExit: Sendable {
-    var becameReady: Bool
-    /// The handler failed to load: the Python error and traceback.
-    var loadError: PredictionError?
-    /// One line: "exited with status 1", "killed by signal 9", "hung: no pong for 30 s".
-    var reason: String
-    /// What the process last wrote to stderr, for errors before the handler could report anything.
-    var stderrTail: [String]
-    /// It was asked to leave (retired, or the model stopped): not a failure.
-    var retired: Bool
-    /// Killed by a SIGKILL that the supervisor did not send: an operator, the OOM killer.
-    var killedFromOutside = false
-}
-
 /// One life of one Python worker process: spawn it in its own process group, connect its session,
 /// feed it batches from the batcher until it exits or is told to stop, then make sure the whole
 /// process group is gone. The supervisor starts a new `WorkerProcess` for the next life.
@@ -458,7 +427,7 @@ final class WorkerProcess: Sendable {
                 declareHung("stuck: a batch ran past \(spec.timeouts.batch) (timeouts.batch_timeout_s)", pid: pid)
                 return
             }
-            let rss = Self.residentBytes(of: pid)
+            let rss = ProcessMemory.residentBytes(of: pid)
             let served = status.withLock { status -> Int in
                 status.rssBytes = rss
                 return status.itemsServed
@@ -482,15 +451,6 @@ final class WorkerProcess: Sendable {
         status.withLock { $0.state = .hung }
         setEndReason(reason)
         kill(group: pid, SIGKILL)
-    }
-
-    /// The process's resident memory from /proc (nil where there is none).
-    static func residentBytes(of pid: pid_t) -> Int? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8),
-              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("VmRSS:") })
-        else { return nil }
-        let kilobytes = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first.flatMap { Int($0) }
-        return kilobytes.map { $0 * 1024 }
     }
 
     private static func level(_ python: Int32) -> Logger.Level {
