@@ -104,4 +104,60 @@ import Testing
         #expect(queue.removeAll().count == 3)
         #expect(queue.queuedItems == 0)
     }
+
+    // MARK: The retry policy for the items of a worker that died
+
+    func job(_ chunks: [Chunk]) -> BatchJob {
+        BatchJob(id: 1, chunks: chunks, count: chunks.reduce(0) { $0 + $1.range.count })
+    }
+
+    @Test func aDeadBatchOfSeveralItemsIsHalvedAloneWithoutChargingARetry() {
+        var queue = BatchQueue(maxBatchSize: 8)
+        let policy = RetryPolicy(retry: true, maxRetries: 2, serving: true)
+        let outcome = policy.placeBack(running: job([chunk(request(4))]), reason: "worker 0 died", in: &queue)
+        #expect(outcome.requeued && outcome.failures.isEmpty)
+        var expired: [PendingRequest] = []
+        let halves = [queue.takePinned(now: now, expired: &expired), queue.takePinned(now: now, expired: &expired)]
+        #expect(halves.map { $0?.count } == [2, 2])
+        #expect(halves.allSatisfy { $0?.runsAlone == true })
+        #expect(halves.allSatisfy { $0?.chunks.allSatisfy { $0.attempts == 0 } == true })
+    }
+
+    @Test func aLoneItemIsRetriedUpToMaxRetriesThenBlamed() {
+        var queue = BatchQueue(maxBatchSize: 8)
+        let policy = RetryPolicy(retry: true, maxRetries: 2, serving: true)
+        var current = job([chunk(request(1))])
+        var expired: [PendingRequest] = []
+        for attempt in 1...2 {
+            #expect(policy.placeBack(running: current, reason: "died", in: &queue).requeued)
+            guard let again = queue.takePinned(now: now, expired: &expired) else { Issue.record("not requeued"); return }
+            #expect(again.runsAlone && again.chunks[0].attempts == attempt)
+            current = again
+        }
+        let last = policy.placeBack(running: current, reason: "died", in: &queue)
+        #expect(!last.requeued)
+        #expect(last.failures.first?.1.message.contains("likely what kills the worker") == true)
+    }
+
+    @Test func withoutRetryOrWhenNotServingTheItemsFailAtOnce() {
+        for policy in [RetryPolicy(retry: false, maxRetries: 2, serving: true), RetryPolicy(retry: true, maxRetries: 2, serving: false)] {
+            var queue = BatchQueue(maxBatchSize: 8)
+            let outcome = policy.placeBack(running: job([chunk(request(3))]), reason: "died", in: &queue)
+            #expect(outcome.failures.count == 1 && !outcome.requeued && queue.isEmpty)
+            #expect(outcome.failures[0].1.message.contains(policy.retry ? "no longer serving" : "retry: false"))
+        }
+    }
+
+    @Test func severalUnansweredBatchesGoBackUnchargedEachAlone() {
+        var queue = BatchQueue(maxBatchSize: 8)
+        let policy = RetryPolicy(retry: true, maxRetries: 0, serving: true)
+        let (a, b) = (request(1), request(3))
+        let outcome = policy.placeBack(unanswered: [job([chunk(a)]), job([chunk(b)])], reason: "died", in: &queue)
+        #expect(outcome.requeued && outcome.failures.isEmpty, "max_retries 0 does not matter: neither is charged")
+        var expired: [PendingRequest] = []
+        let first = queue.takePinned(now: now, expired: &expired)
+        let second = queue.takePinned(now: now, expired: &expired)
+        #expect(first?.chunks.first?.request === a && first?.runsAlone == true, "in the order they were sent")
+        #expect(second?.count == 3 && second?.runsAlone == true, "not halved: it is not known to have been running")
+    }
 }

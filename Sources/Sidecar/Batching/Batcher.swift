@@ -1,6 +1,5 @@
 import DequeModule
 import Foundation
-import HeapModule
 import Metrics
 import Synchronization
 
@@ -100,16 +99,6 @@ final class Batcher: Sendable {
     let defaultTimeout: Duration?
     let modelName: String
 
-    /// A request's deadline in the watch's heap. Weak: a request answered long before its deadline
-    /// is not kept alive by the heap.
-    private struct DeadlineEntry: Comparable {
-        let deadline: ContinuousClock.Instant
-        weak var request: PendingRequest?
-
-        static func < (a: Self, b: Self) -> Bool { a.deadline < b.deadline }
-        static func == (a: Self, b: Self) -> Bool { a.deadline == b.deadline }
-    }
-
     private struct State {
         var items: BatchQueue
         var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
@@ -117,8 +106,6 @@ final class Batcher: Sendable {
         var nextWaiterID: UInt64 = 0
         var closed = false
         var closedReason: SidecarError?
-        var deadlines = Heap<DeadlineEntry>()
-        var deadlineWatcher: CheckedContinuation<Void, Never>?
 
         mutating func popWaiter() -> CheckedContinuation<Void, Never>? {
             while let id = waiterOrder.popFirst() {
@@ -129,6 +116,7 @@ final class Batcher: Sendable {
     }
 
     private let state: Mutex<State>
+    private let deadlines = DeadlineWatch()
     /// Items per batch sent to a worker (`sidecar_batch_size`).
     private let batchSizes: Recorder
     /// Time from an item's arrival to its dispatch (`sidecar_queue_seconds`).
@@ -190,17 +178,12 @@ final class Batcher: Sendable {
             if let deadline = request.deadline, deadline <= .now { return .failure(deadlineError(for: request)) }
             guard request.attach(continuation) else { return .failure(CancellationError()) }
             state.items.append(Chunk(request: request, range: 0..<count))
-            if let deadline = request.deadline {
-                state.deadlines.insert(DeadlineEntry(deadline: deadline, request: request))
-                if let watcher = state.deadlineWatcher {
-                    state.deadlineWatcher = nil
-                    watcher.resume()
-                }
-            }
             return .success(state.popWaiter())
         }
         switch outcome {
-        case .success(let waiter): waiter?.resume()
+        case .success(let waiter):
+            deadlines.insert(request)
+            waiter?.resume()
         case .failure(let error): continuation.resume(throwing: error)
         }
     }
@@ -327,66 +310,22 @@ final class Batcher: Sendable {
     /// alone on its worker, so that a second death is blamed on exactly the batch that caused it.
     /// With `retry: false` any of them may have run, so they all fail.
     func workerDied(unanswered jobs: [BatchJob], reason: String) {
-        guard jobs.count > 1 else {
-            if let job = jobs.first { workerDied(job, reason: reason) }
-            return
-        }
-        var failures: [(Chunk, PredictionError)] = []
-        let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            let live = jobs.map { $0.chunks.filter { !$0.request.isFinished } }.filter { !$0.isEmpty }
-            if !retry || state.closedReason != nil {
-                let context = "\(reason) while \(jobs.count) batches were unanswered (any of them may have been running)"
-                let why = retry
-                    ? "\(context), and the model is no longer serving"
-                    : "\(context); the item is not run again because the model sets retry: false (its handler must not run an item twice)"
-                failures = live.flatMap { $0.map { ($0, PredictionError(kind: .workerDied, type: "WorkerDied", message: why)) } }
-                return nil
-            }
-            for chunks in live.reversed() { state.items.pin(chunks, alone: true) }
-            return live.isEmpty ? nil : state.popWaiter()
-        }
-        waiter?.resume()
-        for (chunk, error) in failures { chunk.request.fail(chunk.range, with: error) }
+        placeBack { policy, queue in policy.placeBack(unanswered: jobs, reason: reason, in: &queue) }
     }
 
     /// Places again the batch a worker was running when it died (crashed, hung, ran past
-    /// `batch_timeout_s`) before answering it. Nothing is lost, and one bad item cannot take others
-    /// down with it:
-    ///
-    /// - a batch of several items is split in halves that run next, each as its own batch and alone
-    ///   on whichever worker is free. Splitting costs no retry: if one item kills the process, it
-    ///   ends up alone after log2(n) crashes while the others are answered;
-    /// - a lone item runs again (alone on its worker) up to `max_retries` times, then fails as the
-    ///   likely culprit;
-    /// - with `retry: false`, or when the model is being failed, the items fail at once.
+    /// `batch_timeout_s`) before answering it: see ``RetryPolicy/placeBack(running:reason:in:)``.
     func workerDied(_ job: BatchJob, reason: String) {
-        let reason = "\(reason) while running the item"
+        placeBack { policy, queue in policy.placeBack(running: job, reason: reason, in: &queue) }
+    }
+
+    private func placeBack(_ decide: (RetryPolicy, inout BatchQueue) -> RetryPolicy.Outcome) {
         var failures: [(Chunk, PredictionError)] = []
         let waiter: CheckedContinuation<Void, Never>? = state.withLock { state in
-            let live = job.chunks.filter { !$0.request.isFinished }
-            let count = live.reduce(0) { $0 + $1.range.count }
-            guard count > 0 else { return nil }
-            if !retry || state.closedReason != nil {
-                let why = retry
-                    ? "\(reason), and the model is no longer serving"
-                    : "\(reason); the item is not run again because the model sets retry: false (its handler must not run an item twice)"
-                failures = live.map { ($0, PredictionError(kind: .workerDied, type: "WorkerDied", message: why)) }
-                return nil
-            }
-            if count > 1 {
-                state.items.pinHalves(of: live, count: count, alone: true)
-                return state.popWaiter()
-            }
-            var chunk = live[0]
-            chunk.attempts += 1
-            if chunk.attempts > maxRetries {
-                failures = [(chunk, PredictionError(
-                    kind: .workerDied, type: "WorkerDied",
-                    message: "\(reason); this item was running alone each time its worker died (\(chunk.attempts) times, max_retries: \(maxRetries)), so it is likely what kills the worker"))]
-                return nil
-            }
-            state.items.pin([chunk], alone: true)
-            return state.popWaiter()
+            let policy = RetryPolicy(retry: retry, maxRetries: maxRetries, serving: state.closedReason == nil)
+            let outcome = decide(policy, &state.items)
+            failures = outcome.failures
+            return outcome.requeued ? state.popWaiter() : nil
         }
         waiter?.resume()
         for (chunk, error) in failures { chunk.request.fail(chunk.range, with: error) }
@@ -397,46 +336,10 @@ final class Batcher: Sendable {
     /// Answers requests whose deadline passed with `deadlineExceeded` and drops their queued items,
     /// until the calling task is cancelled. The executor runs it for the model's whole life.
     func watchDeadlines() async {
-        while !Task.isCancelled {
-            let next: ContinuousClock.Instant? = state.withLock { $0.deadlines.min?.deadline }
-            if let next {
-                // Wake at the earliest deadline, and at least every 10 ms: a later insert may be earlier.
-                let wake = min(next, ContinuousClock.now.advanced(by: .milliseconds(10)))
-                try? await Task.sleep(until: wake, clock: .continuous)
-            } else {
-                await withTaskCancellationHandler {
-                    await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-                        let resumeNow = state.withLock { state -> Bool in
-                            if !state.deadlines.isEmpty || Task.isCancelled { return true }
-                            state.deadlineWatcher = continuation
-                            return false
-                        }
-                        if resumeNow { continuation.resume() }
-                    }
-                } onCancel: {
-                    state.withLock { state in
-                        defer { state.deadlineWatcher = nil }
-                        return state.deadlineWatcher
-                    }?.resume()
-                }
-            }
-            expireDeadlines()
+        await deadlines.run { due in
+            for request in due { request.abort(with: deadlineError(for: request)) }
+            state.withLock { $0.items.dropFinished() }
         }
-    }
-
-    private func expireDeadlines() {
-        let now = ContinuousClock.now
-        let due: [PendingRequest] = state.withLock { state in
-            var due: [PendingRequest] = []
-            while let first = state.deadlines.min, first.deadline <= now {
-                let entry = state.deadlines.removeMin()
-                if let request = entry.request, !request.isFinished { due.append(request) }
-            }
-            return due
-        }
-        guard !due.isEmpty else { return }
-        for request in due { request.abort(with: deadlineError(for: request)) }
-        state.withLock { $0.items.dropFinished() }
     }
 
     /// Stops accepting items. Workers still drain what is queued; once it is empty ``nextBatch()``
