@@ -45,7 +45,7 @@ if [ ${#selected[@]} -gt 0 ]; then
   # swiftc keeps only the last -sanitize= flag, so SwiftPM's two (`--sanitize=fuzzer --sanitize=address`) would
   # leave Swift code without coverage; the combined -Xswiftc flag comes last and gives both.
   SIDECAR_FUZZ=1 swift build --scratch-path "$scratch" --sanitize=fuzzer --sanitize=address -Xswiftc -sanitize=fuzzer,address --product SidecarFuzz 2>&1 \
-    | grep -Ev '^\[[0-9]+/[0-9]+\]|unhandled; explicitly declare|CMakeLists.txt$' || true
+    | grep -Ev '^\[[0-9]+/[0-9]+\]|unhandled; explicitly declare|CMakeLists.txt$|Cannot export local symbol' || true
   binary="$scratch/debug/SidecarFuzz"
   [ -x "$binary" ] || { echo "the fuzz build did not produce $binary" >&2; exit 1; }
   mkdir -p "$scratch/artifacts"
