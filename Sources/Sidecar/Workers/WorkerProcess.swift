@@ -27,8 +27,8 @@ final class WorkerProcess: Sendable {
     let status: LockedBox<WorkerStatus>
     private let onReady: @Sendable () -> Void
     private let onRecycle: @Sendable (String) -> Void
-    /// Items this process may handle before it asks to be recycled (nil: no limit).
-    private let itemLimit: Int?
+    /// The health checks and `recycle:` limits, applied at each ping.
+    private let health: WorkerHealth
 
     /// One life's session, as a phase and the facts about how it ends. Phases only move forward
     /// (starting → serving → draining → exited; a worker may exit from any phase), so a late event
@@ -98,7 +98,8 @@ final class WorkerProcess: Sendable {
         self.onReady = onReady
         self.onRecycle = onRecycle
         let recycle = spec.recycle
-        self.itemLimit = recycle.maxRequests > 0 ? recycle.maxRequests + Int.random(in: 0...recycle.maxRequestsJitter) : nil
+        let itemLimit = recycle.maxRequests > 0 ? recycle.maxRequests + Int.random(in: 0...recycle.maxRequestsJitter) : nil
+        self.health = WorkerHealth(timeouts: spec.timeouts, recycle: recycle, itemLimit: itemLimit)
         (retirement, retirementSink) = AsyncStream.makeStream()
         self.computeTime = Metrics.Timer(label: "sidecar_compute_seconds", dimensions: [("model", spec.model)])
     }
@@ -412,33 +413,27 @@ final class WorkerProcess: Sendable {
         while !Task.isCancelled {
             try? await Task.sleep(for: spec.timeouts.pingInterval)
             if Task.isCancelled { return }
-            let (ready, lastPong, stopping) = session.withLock { ($0.isReady, $0.lastPong, $0.isDraining) }
-            let now = ContinuousClock.now
-            if !ready, now > startupDeadline {
-                setEndReason("did not become ready within \(spec.timeouts.startup) (timeouts.startup_s)")
-                kill(group: pid, SIGKILL)
-                return
-            }
-            if ready, now - lastPong > spec.timeouts.pingTimeout {
-                declareHung("hung: no answer to pings for \(spec.timeouts.pingTimeout) (timeouts.ping_timeout_s)", pid: pid)
-                return
-            }
-            if let started = window.oldestStart, now - started > spec.timeouts.batch {
-                declareHung("stuck: a batch ran past \(spec.timeouts.batch) (timeouts.batch_timeout_s)", pid: pid)
-                return
-            }
+            let (ready, lastPong, draining) = session.withLock { ($0.isReady, $0.lastPong, $0.isDraining) }
             let rss = ProcessMemory.residentBytes(of: pid)
             let served = status.withLock { status -> Int in
                 status.rssBytes = rss
                 return status.itemsServed
             }
-            if ready, !stopping {
-                let rssLimit = spec.recycle.maxRSSMegabytes
-                if let itemLimit, served >= itemLimit {
-                    onRecycle("handled \(served) items (recycle.max_requests)")
-                } else if rssLimit > 0, let rss, rss > rssLimit << 20 {
-                    onRecycle("resident memory \(rss >> 20) MiB is over \(rssLimit) MiB (recycle.max_rss_mb)")
-                }
+            let seen = WorkerHealth.Observation(
+                now: .now, ready: ready, draining: draining, startupDeadline: startupDeadline, lastPong: lastPong,
+                oldestBatchStart: window.oldestStart, residentBytes: rss, itemsServed: served)
+            switch health.verdict(seen) {
+            case .healthy:
+                break
+            case .startupTimedOut(let reason):
+                setEndReason(reason)
+                kill(group: pid, SIGKILL)
+                return
+            case .unresponsive(let reason):
+                declareHung(reason, pid: pid)
+                return
+            case .recycle(let reason):
+                onRecycle(reason)
             }
             nonce += 1
             let n = nonce
