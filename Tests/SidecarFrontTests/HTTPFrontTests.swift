@@ -136,7 +136,10 @@ import Testing
             ) { response in
                 #expect(response.status == .gatewayTimeout)
                 let error = try json(response)["error"] as? String
-                #expect(error?.contains("deadline passed (100 ms allowed") == true, "\(error ?? "")")
+                // The budget counts from the request's arrival in the batcher, a moment after the
+                // front read the header: a loaded machine shows a few ms less than the 100 sent.
+                let allowed = error?.firstMatch(of: /deadline passed \((\d+) ms allowed/).flatMap { Int($0.1) }
+                #expect(allowed.map { (50...100).contains($0) } == true, "\(error ?? "")")
             }
             #expect(ContinuousClock.now - start < .milliseconds(450), "answered at the deadline, not after the batch")
             let oip = #"{"parameters": {"timeout": 100000}, "inputs": [{"name": "i", "shape": [1], "datatype": "INT32", "data": [1]}]}"#
