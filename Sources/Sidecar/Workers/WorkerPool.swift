@@ -427,9 +427,7 @@ final class WorkerPool: Executor {
                     let unanswered = worker.window.close()
                     batcher.workerDied(unanswered: unanswered, reason: "worker \(slot) \(exit.reason)")
                     lastExit = exit
-                    let facts = SlotPolicy.Exit(
-                        becameReady: exit.becameReady, retired: exit.retired, killedFromOutside: exit.killedFromOutside,
-                        unanswered: unanswered.count, reason: exit.reason)
+                    let facts = SlotPolicy.Exit(exit, unanswered: unanswered.count)
                     running = perform(slotPolicy.handle(.exited(generation: generation, facts), pool: poolView()))
                     workers.removeValue(forKey: generation)
                     lastExit = nil

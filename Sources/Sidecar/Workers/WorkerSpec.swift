@@ -30,3 +30,12 @@ struct WorkerExit: Sendable {
     /// Killed by a SIGKILL that the supervisor did not send: an operator, the OOM killer.
     var killedFromOutside = false
 }
+
+extension SlotPolicy.Exit {
+    /// The facts of `exit` the policy decides on, with the number of batches it left unanswered.
+    init(_ exit: WorkerExit, unanswered: Int) {
+        self.init(
+            becameReady: exit.becameReady, retired: exit.retired, killedFromOutside: exit.killedFromOutside,
+            unanswered: unanswered, reason: exit.reason)
+    }
+}

@@ -24,18 +24,17 @@ enum Deadlines {
         return timeout
     }
 
-    /// The gRPC request's `timeout` parameter (µs), from whichever typed field the client used.
+    /// The gRPC request's `timeout` parameter (µs), from whichever typed field the client used: read
+    /// as the JSON parameter is, so both bindings clamp and refuse alike.
     static func timeout(_ parameter: Inference_InferParameter?) throws -> Duration? {
         guard let parameter, let choice = parameter.parameterChoice else { return nil }
-        let timeout: Duration?
         switch choice {
-        case .int64Param(let n): timeout = .clampedTimeout(n, microsecondsPerUnit: 1)
-        case .uint64Param(let n): timeout = .clampedTimeout(Int64(clamping: n), microsecondsPerUnit: 1)
-        case .doubleParam(let n): timeout = .clampedTimeout(n, microsecondsPerUnit: 1)
-        default: timeout = nil
+        case .int64Param(let n): return try timeout(microseconds: .integer(n))
+        case .uint64Param(let n): return try timeout(microseconds: .unsigned(n))
+        case .doubleParam(let n): return try timeout(microseconds: .number(n))
+        case .boolParam(let b): return try timeout(microseconds: .bool(b))
+        case .stringParam(let text): return try timeout(microseconds: .string(text))
         }
-        guard let timeout else { throw FrontError(.invalidArgument, "parameters.timeout must be a non-negative number of microseconds") }
-        return timeout
     }
 
     /// The `Sidecar-Timeout-Ms` header.
