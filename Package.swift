@@ -33,6 +33,13 @@ let package = Package(
         .package(url: "https://github.com/swift-server/async-http-client", from: "1.30.0"),
     ],
     targets: [
+        // The system libpython 3.11 (Debian's libpython3.11-dev), for the embedded executor.
+        .systemLibrary(
+            name: "CPython",
+            path: "Sources/CPython",
+            pkgConfig: "python3-embed",
+            providers: [.apt(["libpython3.11-dev"])]
+        ),
         // Generated from proto/sidecar/worker/v1/worker.proto by scripts/generate-protos.sh.
         .target(
             name: "SidecarWorkerProtocol",
@@ -56,7 +63,9 @@ let package = Package(
         .target(
             name: "Sidecar",
             dependencies: [
+                "CPython",
                 "SidecarWorkerProtocol",
+                .product(name: "SwiftProtobuf", package: "swift-protobuf"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
                 .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),

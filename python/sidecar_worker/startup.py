@@ -25,7 +25,8 @@ class LoadOutcome:
     error: Optional[pb.Error] = None
 
 
-def _load(spec: str, context: Context) -> LoadOutcome:
+def load_now(spec: str, context: Context) -> LoadOutcome:
+    """Load the handler on this thread; never raises."""
     start = time.perf_counter()
     try:
         handler = load_handler(spec, context)
@@ -45,7 +46,7 @@ def start_loading(spec: str, context: Context) -> "concurrent.futures.Future[Loa
     future: "concurrent.futures.Future[LoadOutcome]" = concurrent.futures.Future()
 
     def run() -> None:
-        future.set_result(_load(spec, context))
+        future.set_result(load_now(spec, context))
 
     threading.Thread(target=run, name="sidecar-load", daemon=True).start()
     return future

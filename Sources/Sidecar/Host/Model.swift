@@ -19,13 +19,16 @@ public final class Model: Sendable {
     /// The worker count `load` was given (nil: `sidecar.yaml`'s, autoscaling included): what a
     /// reload asks for again, so that a reload restores autoscaling that `scale` turned off.
     let requestedWorkers: Int?
+    /// The executor `load` was given (nil: `sidecar.yaml`'s).
+    let requestedExecutor: ModelConfiguration.ExecutorKind?
+    private let fallbackNote: String?
     /// False for the stand-in of a model whose reload failed (``FailedExecutor``): it never ran, so
     /// unloading it runs no `cleanup.sh`.
     let started: Bool
 
     init(
         bundle: ModelBundle, environment: PythonEnvironment, batcher: Batcher, executor: any Executor, requestedWorkers: Int?,
-        started: Bool = true
+        requestedExecutor: ModelConfiguration.ExecutorKind? = nil, executorNote: String? = nil, started: Bool = true
     ) {
         self.name = bundle.configuration.name
         self.bundle = bundle
@@ -33,10 +36,20 @@ public final class Model: Sendable {
         self.batcher = batcher
         self.executor = executor
         self.requestedWorkers = requestedWorkers
+        self.requestedExecutor = requestedExecutor
+        self.fallbackNote = executorNote
         self.started = started
     }
 
     public var configuration: ModelConfiguration { bundle.configuration }
+
+    /// Where the handler runs: `configuration.executor`, which is `process` for a model whose
+    /// embedded executor crashed the server (``executorNote`` says so).
+    public var executorKind: ModelConfiguration.ExecutorKind { configuration.executor }
+
+    /// What an operator should know about the executor: why an embedded model runs with process
+    /// workers, or which models share the embedded interpreter (and the GIL) with this one.
+    public var executorNote: String? { fallbackNote ?? executor.note }
 
     /// Predicts one item. Throws ``PredictionError`` when the handler failed for it, and
     /// ``SidecarError`` when the model cannot take it (queue full, stopped, FAILED) or `deadline`

@@ -97,9 +97,19 @@ public final class ModelHost: Service, Sendable {
     /// Loads the model directory at `path`: checks it, builds or reuses its environment, runs its
     /// `init.sh`, starts its workers and returns once all of them are ready.
     ///
-    /// - Parameter workers: overrides `workers` from `sidecar.yaml`.
+    /// - Parameters:
+    ///   - workers: overrides `workers` from `sidecar.yaml`.
+    ///   - executor: overrides `executor` from `sidecar.yaml`.
     @discardableResult
-    public func load(_ path: String, workers: Int? = nil, name: String? = nil) async throws -> Model {
+    public func load(_ path: String, workers: Int? = nil, name: String? = nil, executor: ModelConfiguration.ExecutorKind? = nil) async throws -> Model {
+        try await load(path, workers: workers, name: name, executor: executor, forgetEmbeddedCrash: false)
+    }
+
+    /// `forgetEmbeddedCrash`: an operator asked for the model again (a reload), so a crash its
+    /// embedded executor caused no longer sends it to process workers.
+    private func load(
+        _ path: String, workers: Int?, name: String?, executor: ModelConfiguration.ExecutorKind?, forgetEmbeddedCrash: Bool
+    ) async throws -> Model {
         var bundle = try ModelBundle(directory: path)
         if let name {
             guard ModelConfiguration.isValidName(name) else {
@@ -114,6 +124,8 @@ public final class ModelHost: Service, Sendable {
             bundle.configuration.workers = workers
             bundle.configuration.autoscaling = nil  // a fixed count asked for explicitly
         }
+        if let executor { bundle.configuration.executor = executor }
+        try bundle.configuration.checkExecutor(file: bundle.directory.appendingPathComponent("sidecar.yaml").path)
         let modelName = bundle.configuration.name
         let id: Int = try state.withLock { state in
             guard !state.shuttingDown else { throw SidecarError(.unavailable, "the host is shutting down") }
@@ -131,6 +143,24 @@ public final class ModelHost: Service, Sendable {
         try await EntryPointCheck.verify(bundle, interpreter: try InterpreterLocator.resolve(bundle.configuration.python.interpreter))
         let environment = try await EnvironmentBuilder(options: options.environment, logger: modelLogger).prepare(bundle)
 
+        // A crash that the embedded executor caused last time sends the model to process workers.
+        var executorNote: String?
+        var crashRecord: CrashRecord?
+        let embeddedDirectory = CrashRecord.directory(cache: options.environment.cacheDirectory)
+        if bundle.configuration.executor == .embedded, !options.benchmarkEcho {
+            let (record, crash) = try CrashRecord.open(directory: embeddedDirectory, model: modelName)
+            if let crash, !forgetEmbeddedCrash {
+                executorNote = "\(crash.summary); it runs with process workers until it is reloaded (sidecar reload \(modelName))"
+                modelLogger.error("\(executorNote!)", metadata: crash.faultLog.map { ["fault_log": "\($0)"] } ?? [:])
+                bundle.configuration.executor = .process
+            } else {
+                if crash != nil { record?.clear() }
+                crashRecord = record
+                if record == nil {
+                    modelLogger.warning("another server is running model '\(modelName)' embedded with the same cache directory; this one keeps no crash record for it")
+                }
+            }
+        }
         let socketDirectory = socketRoot.appendingPathComponent("\(id)")
         try FileManager.default.createDirectory(at: socketDirectory, withIntermediateDirectories: true)
         let config = bundle.configuration
@@ -141,19 +171,30 @@ public final class ModelHost: Service, Sendable {
             model: modelName, python: environment.python, modelDirectory: bundle.directory, handler: config.handler,
             handlerConfig: config.handlerConfig, socketDirectory: socketDirectory, timeouts: config.timeouts,
             maxMessageBytes: options.maxMessageBytes, window: 2, recycle: config.recycle)
-        let pool: any Executor = options.benchmarkEcho
-            ? EchoExecutor(batcher: batcher, lanes: config.workers)
-            : WorkerPool(
+        let pool: any Executor
+        if options.benchmarkEcho {
+            pool = EchoExecutor(batcher: batcher, lanes: config.workers)
+        } else if config.executor == .embedded {
+            let module = String(config.handler.prefix { $0 != ":" && $0 != "." })
+            try EmbeddedInterpreter.shared.admit(model: modelName, environment: environment.directory, module: module)
+            pool = EmbeddedExecutor(
+                spec: spec, environment: environment, batcher: batcher, record: crashRecord,
+                faultLog: CrashRecord.faultLog(in: embeddedDirectory, pid: getpid()), logger: modelLogger)
+        } else {
+            pool = WorkerPool(
                 spec: spec, size: config.workers, batcher: batcher, policy: config.restartPolicy, autoscaling: config.autoscaling,
                 logger: modelLogger)
+        }
         if options.benchmarkEcho {
             modelLogger.warning("--benchmark-echo: every item is answered with itself in Swift; the handler does not run")
         }
-        let model = Model(bundle: bundle, environment: environment, batcher: batcher, executor: pool, requestedWorkers: workers)
+        let model = Model(
+            bundle: bundle, environment: environment, batcher: batcher, executor: pool, requestedWorkers: workers,
+            requestedExecutor: executor, executorNote: executorNote)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
         state.withLock { $0.finished[modelName] = finished }
-        modelLogger.info("starting \(config.workers) worker(s)")
+        modelLogger.info(config.executor == .embedded ? "starting the embedded executor" : "starting \(config.workers) worker(s)")
         startSink.yield {
             await pool.run()
             finishedSink.finish()
@@ -196,14 +237,17 @@ public final class ModelHost: Service, Sendable {
 
     /// Unloads `name` and loads it again from the same directory with what it was loaded with (a
     /// worker count given to `load`, else `sidecar.yaml`'s, autoscaling included): how a model that
-    /// went FAILED (or whose files changed) comes back. If loading fails, the model stays listed as
+    /// went FAILED (or whose files changed) comes back. A model that runs with process workers
+    /// because its embedded executor crashed the server runs embedded again. If loading fails, the model stays listed as
     /// FAILED with the reason (its requests refused with it) until the next reload or an unload.
     @discardableResult
     public func reload(_ name: String) async throws -> Model {
         guard let model = model(named: name) else { throw noModel(named: name) }
         try await unload(name)
         do {
-            return try await load(model.bundle.directory.path, workers: model.requestedWorkers, name: name)
+            return try await load(
+                model.bundle.directory.path, workers: model.requestedWorkers, name: name, executor: model.requestedExecutor,
+                forgetEmbeddedCrash: true)
         } catch {
             // Refused as a FAILED model is (503 / UNAVAILABLE), with the load error as the reason.
             let cause = error as? SidecarError
@@ -215,7 +259,7 @@ public final class ModelHost: Service, Sendable {
             batcher.fail(failure)
             let standIn = Model(
                 bundle: model.bundle, environment: model.environment, batcher: batcher, executor: FailedExecutor(failure: failure),
-                requestedWorkers: model.requestedWorkers, started: false)
+                requestedWorkers: model.requestedWorkers, requestedExecutor: model.requestedExecutor, started: false)
             state.withLock { state in
                 if state.models[name] == nil, !state.shuttingDown { state.models[name] = standIn }
             }
@@ -262,8 +306,8 @@ public func withModelHost<Result: Sendable>(
     }
 }
 
-/// Loads the model directory at `path` with `workers` worker processes, runs `body` with it, then
-/// stops the workers.
+/// Loads the model directory at `path` with `workers` worker processes (or `executor: .embedded`,
+/// inside this process), runs `body` with it, then stops the workers.
 ///
 /// ```swift
 /// let predictions = try await withModel(at: "Examples/echo", workers: 2) { model in
@@ -273,12 +317,13 @@ public func withModelHost<Result: Sendable>(
 public func withModel<Result: Sendable>(
     at path: String,
     workers: Int? = nil,
+    executor: ModelConfiguration.ExecutorKind? = nil,
     options: HostOptions = HostOptions(),
     logger: Logger = Logger(label: "sidecar"),
     _ body: (Model) async throws -> Result
 ) async throws -> Result {
     try await withModelHost(options: options, logger: logger) { host in
-        let model = try await host.load(path, workers: workers)
+        let model = try await host.load(path, workers: workers, executor: executor)
         return try await body(model)
     }
 }

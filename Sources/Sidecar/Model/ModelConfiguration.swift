@@ -32,6 +32,33 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var inputs: [TensorSpec] = []
     /// Declared output tensors (`outputs:`), reported in metadata.
     public var outputs: [TensorSpec] = []
+    /// Where the handler runs (`executor:`): worker processes (default) or inside the server.
+    public var executor: ExecutorKind = .process
+
+    /// `executor:` in `sidecar.yaml`.
+    public enum ExecutorKind: String, Sendable, Equatable, CaseIterable {
+        /// Python worker processes behind bidirectional gRPC: supervised, killed and replaced when
+        /// they crash or hang.
+        case process
+        /// The server's own CPython interpreter, one thread for the model: no hop, but a crash in
+        /// native code takes the server down (see the README).
+        case embedded
+    }
+
+    /// Refuses combinations that cannot run: an embedded model is one thread of the server.
+    public func checkExecutor(file: String) throws {
+        guard executor == .embedded else { return }
+        if let autoscaling {
+            throw SidecarError(
+                .invalidModel,
+                "\(file): 'workers' is {min: \(autoscaling.min), max: \(autoscaling.max)}, but executor: embedded runs the handler in one thread of the server; remove workers: or use executor: process to autoscale")
+        }
+        if workers != 1 {
+            throw SidecarError(
+                .invalidModel,
+                "\(file): 'workers' is \(workers), but executor: embedded runs the handler in one thread of the server; set workers: 1 or use executor: process for \(workers) worker processes")
+        }
+    }
 
     /// How many worker processes one model may have: `workers`, `workers.min/max`, `sidecar scale`,
     /// `--workers` and the admin API all check against it.
@@ -201,7 +228,7 @@ private struct ConfigReader {
         guard let root else { return config }  // an empty file means all defaults
         let top = [
             "name", "handler", "workers", "max_retries", "retry", "restart_policy", "recycle", "batching", "timeouts", "python",
-            "config", "inputs", "outputs",
+            "config", "inputs", "outputs", "executor",
         ]
         for (key, value) in try mapping(root, key: "", allowed: top) {
             switch key {
@@ -298,6 +325,11 @@ private struct ConfigReader {
                         config.python.pipArgs = try seq.map { try string($0, key: "python.pip_args") }
                     }
                 }
+            case "executor":
+                guard let kind = ModelConfiguration.ExecutorKind(rawValue: try string(value, key: key)) else {
+                    throw fail(key, "one of \(ModelConfiguration.ExecutorKind.allCases.map(\.rawValue).joined(separator: ", "))", got: value)
+                }
+                config.executor = kind
             case "inputs", "outputs":
                 let specs = try tensorSpecs(value, key: key)
                 if key == "inputs" { config.inputs = specs } else { config.outputs = specs }
@@ -307,6 +339,7 @@ private struct ConfigReader {
                 config.handlerConfig = JSONValue(trusted: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]))
             }
         }
+        try config.checkExecutor(file: file)
         return config
     }
 

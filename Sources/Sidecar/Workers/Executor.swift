@@ -1,6 +1,6 @@
 /// Runs a model's batches. The batcher hands batches to an executor; a pool of Python worker
-/// processes (``WorkerPool``) is one implementation, and an embedded CPython interpreter will be
-/// another, so the host drives both the same way.
+/// processes (``WorkerPool``) is one implementation, and the embedded CPython interpreter
+/// (``EmbeddedExecutor``) is another, so the host drives both the same way.
 protocol Executor: Sendable {
     /// Serves batches until the executor is stopped. Runs for the model's whole life.
     func run() async
@@ -20,4 +20,10 @@ protocol Executor: Sendable {
     var isAvailable: Bool { get }
     /// Why the executor gave up serving (the crash-loop breaker tripped), or nil.
     var failure: SidecarError? { get }
+    /// A line for status pages about how it runs, or nil.
+    var note: String? { get }
+}
+
+extension Executor {
+    var note: String? { nil }
 }

@@ -38,12 +38,6 @@ final class WorkerPool: Executor {
         var draining: [Int: [LockedBox<WorkerStatus>]] = [:]
         var readySlots = Set<Int>()
         var initialSize: Int
-        var readiness: Result<Void, SidecarError>?
-        /// Callers of ``waitUntilReady()``, by id so that a cancelled one can be taken out.
-        var readyWaiters: [UInt64: CheckedContinuation<Void, any Error>] = [:]
-        var nextWaiterID: UInt64 = 0
-        /// Waiters cancelled before they registered (the cancellation handler ran first).
-        var cancelledWaiters: Set<UInt64> = []
         /// Recent failures that count toward the breaker.
         var failures: Deque<ContinuousClock.Instant> = []
         /// Set once the breaker tripped.
@@ -51,6 +45,7 @@ final class WorkerPool: Executor {
     }
 
     private let state: Mutex<State>
+    private let readiness = Readiness()
     /// New slots for ``run()`` to start.
     private let newSlots: AsyncStream<Int>
     private let newSlotSink: AsyncStream<Int>.Continuation
@@ -136,10 +131,8 @@ final class WorkerPool: Executor {
     /// unavailable: its requests wait in the queue and are answered once a worker is back, so
     /// readiness does not flap (and a load balancer does not drop the instance) on every crash.
     var isAvailable: Bool {
-        state.withLock { state in
-            guard case .success = state.readiness else { return false }
-            return state.failure == nil && !state.stopping
-        }
+        guard readiness.isReady else { return false }
+        return state.withLock { $0.failure == nil && !$0.stopping }
     }
 
     func run() async {
@@ -164,28 +157,7 @@ final class WorkerPool: Executor {
     /// the caller ends the wait with `CancellationError` (a load given up before the pool ran, or
     /// while it starts, must not hang).
     func waitUntilReady() async throws {
-        let id = state.withLock { state -> UInt64 in
-            state.nextWaiterID += 1
-            return state.nextWaiterID
-        }
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
-                let outcome: Result<Void, any Error>? = state.withLock { state in
-                    if state.cancelledWaiters.remove(id) != nil { return .failure(CancellationError()) }
-                    if let readiness = state.readiness { return readiness.mapError { $0 as any Error } }
-                    state.readyWaiters[id] = continuation
-                    return nil
-                }
-                if let outcome { continuation.resume(with: outcome) }
-            }
-        } onCancel: {
-            let waiter = state.withLock { state -> CheckedContinuation<Void, any Error>? in
-                if let waiter = state.readyWaiters.removeValue(forKey: id) { return waiter }
-                state.cancelledWaiters.insert(id)
-                return nil
-            }
-            waiter?.resume(throwing: CancellationError())
-        }
+        try await readiness.wait()
     }
 
     func stop() {
@@ -278,13 +250,7 @@ final class WorkerPool: Executor {
     }
 
     private func resolveReadiness(_ outcome: Result<Void, SidecarError>) {
-        let waiters: [CheckedContinuation<Void, any Error>] = state.withLock { state in
-            guard state.readiness == nil else { return [] }
-            state.readiness = outcome
-            defer { state.readyWaiters = [:] }
-            return Array(state.readyWaiters.values)
-        }
-        for waiter in waiters { waiter.resume(with: outcome.mapError { $0 as any Error }) }
+        readiness.resolve(outcome)
     }
 
     private func slotReady(_ slot: Int) {
@@ -350,7 +316,7 @@ final class WorkerPool: Executor {
             var lastExit: WorkerExit?
 
             func poolView() -> SlotPolicy.Pool {
-                state.withLock { SlotPolicy.Pool(stopping: $0.stopping, awaitingFirstReadiness: $0.readiness == nil) }
+                SlotPolicy.Pool(stopping: isStopping, awaitingFirstReadiness: readiness.outcome == nil)
             }
 
             /// Carries out the policy's actions; false once the slot is finished.

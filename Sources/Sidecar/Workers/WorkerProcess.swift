@@ -334,14 +334,7 @@ final class WorkerProcess: Sendable {
                         if $0.inFlight == 0, $0.state == .busy { $0.state = .ready }
                     }
                     computeTime.recordNanoseconds(Int64(result.computeSeconds * 1e9))
-                    if job.count > 1, batcher.retry, BatchResultDecoder.handlerRaised(result) {
-                        // One item's exception must not fail the others (from other callers too). Not
-                        // with `retry: false`: bisection runs items again.
-                        logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
-                        batcher.bisect(job)
-                    } else {
-                        job.deliver(BatchResultDecoder.results(of: result, count: job.count, tensors: !job.isJSON))
-                    }
+                    BatchResultDecoder.settle(job, with: result, batcher: batcher, logger: logger)
                 case .pong:
                     session.withLock { $0.lastPong = .now }
                 case .log(let record):
@@ -448,7 +441,8 @@ final class WorkerProcess: Sendable {
         kill(group: pid, SIGKILL)
     }
 
-    private static func level(_ python: Int32) -> Logger.Level {
+    /// A Python logging level as a swift-log level.
+    static func level(_ python: Int32) -> Logger.Level {
         switch python {
         case ..<10: return .trace
         case ..<20: return .debug

@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 import SidecarWorkerProtocol
 
 // The Swift side of the worker protocol (proto/sidecar/worker/v1/worker.proto): batches to the
@@ -32,6 +33,18 @@ enum BatchEncoder {
 
 /// Turns a worker's BatchResult into one result per item.
 enum BatchResultDecoder {
+    /// Answers `job` with the result its executor (a worker process or the embedded interpreter)
+    /// sent back, or splits the job when the handler raised for it: one item's exception must not
+    /// fail the others (from other callers too). Not with `retry: false`: bisection runs items again.
+    static func settle(_ job: BatchJob, with result: Sidecar_Worker_V1_BatchResult, batcher: Batcher, logger: Logger) {
+        if job.count > 1, batcher.retry, handlerRaised(result) {
+            logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
+            batcher.bisect(job)
+        } else {
+            job.deliver(results(of: result, count: job.count, tensors: !job.isJSON))
+        }
+    }
+
     static func results(of result: Sidecar_Worker_V1_BatchResult, count: Int, tensors: Bool) -> [PayloadResult] {
         if result.hasBatchError {
             let error = result.batchError

@@ -1,0 +1,63 @@
+import DequeModule
+import Foundation
+
+/// A dedicated OS thread that runs Python, fed jobs through a queue.
+///
+/// Python never runs on Swift's cooperative pool: it is as wide as the core count, and a handler
+/// that blocks (or waits for the GIL) there would stall every task of the server. A job runs to its
+/// end on this thread; async callers wait for it through a continuation without holding a pool thread.
+final class PythonThread: @unchecked Sendable {
+    // Guarded by `condition`.
+    private let condition = NSCondition()
+    private var jobs: Deque<() -> Void> = []
+    private var finishing = false
+
+    /// 16 MiB: what CPython's main thread gets on Linux; deep recursion in a handler (or numpy,
+    /// scikit-learn) must not overflow a smaller thread stack.
+    init(name: String, stackSize: Int = 16 << 20) {
+        let thread = Thread { [self] in self.loop() }
+        thread.name = name
+        thread.stackSize = stackSize
+        thread.start()
+    }
+
+    private func loop() {
+        while true {
+            condition.lock()
+            while jobs.isEmpty, !finishing { condition.wait() }
+            guard let job = jobs.popFirst() else {
+                condition.unlock()
+                return
+            }
+            condition.unlock()
+            job()
+        }
+    }
+
+    /// Queues `job`; false once the thread is finishing (the job will not run).
+    @discardableResult
+    func submit(_ job: @escaping () -> Void) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !finishing else { return false }
+        jobs.append(job)
+        condition.signal()
+        return true
+    }
+
+    /// Runs `body` on the thread and returns its value; `ifFinished` when the thread takes no jobs.
+    func run<T: Sendable>(ifFinished: T, _ body: @escaping () -> T) async -> T {
+        await withCheckedContinuation { (continuation: CheckedContinuation<T, Never>) in
+            let queued = submit { continuation.resume(returning: body()) }
+            if !queued { continuation.resume(returning: ifFinished) }
+        }
+    }
+
+    /// The thread ends once the jobs already queued have run.
+    func finish() {
+        condition.lock()
+        finishing = true
+        condition.signal()
+        condition.unlock()
+    }
+}
