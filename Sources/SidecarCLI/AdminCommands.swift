@@ -102,6 +102,8 @@ struct ModelSummary: Decodable {
     var p99_ms: Double?
     var restarts: Int
     var autoscaling: Autoscaling?
+    var executor: String?
+    var executor_note: String?
 }
 
 struct StatusCommand: AsyncParsableCommand {
@@ -130,13 +132,13 @@ struct StatusCommand: AsyncParsableCommand {
         }
         struct List: Decodable { var models: [ModelSummary] }
         let models = try JSONDecoder().decode(List.self, from: data).models
-        var rows = [["MODEL", "STATE", "WORKERS", "QUEUE", "REQ/S", "P99 MS", "RESTARTS", "AUTOSCALE"]]
+        var rows = [["MODEL", "STATE", "EXECUTOR", "WORKERS", "QUEUE", "REQ/S", "P99 MS", "RESTARTS", "AUTOSCALE"]]
         for m in models {
             let autoscale = m.autoscaling.map { a in
                 a.enabled ? "\(a.min)-\(a.max)" + (a.last_decision.map { " (\($0))" } ?? "") : "off (\(a.last_decision ?? "set by hand"))"
             } ?? "-"
             rows.append([
-                m.name, m.state, "\(m.workers_ready)/\(m.workers_target)", "\(m.queued)",
+                m.name, m.state, m.executor ?? "process", "\(m.workers_ready)/\(m.workers_target)", "\(m.queued)",
                 String(format: "%.1f", m.requests_per_second), m.p99_ms.map { String(format: "%.1f", $0) } ?? "-", "\(m.restarts)", autoscale,
             ])
         }
@@ -149,6 +151,10 @@ struct StatusCommand: AsyncParsableCommand {
         }
         for m in models where m.state == "failed" {
             StandardStreams.line("\n\(m.name) FAILED: \(m.reason ?? "no reason recorded")")
+        }
+        for m in models where m.executor_note != nil && m.executor != "embedded" {
+            // An embedded model sent to process workers by a crash: the operator's cue to act.
+            StandardStreams.line("\n\(m.name): \(m.executor_note ?? "")")
         }
     }
 }

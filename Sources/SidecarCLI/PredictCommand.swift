@@ -26,6 +26,9 @@ struct PredictCommand: AsyncParsableCommand {
     @Option(name: .long, help: "Worker processes (default: workers in sidecar.yaml, else 1).")
     var workers: Int?
 
+    @Option(name: .long, help: "process (worker processes) or embedded (the handler runs inside this process); default: executor in sidecar.yaml, else process.")
+    var executor: ModelConfiguration.ExecutorKind?
+
     @Option(name: .long, help: "Read JSON Lines from this file instead of standard input.")
     var input: String?
 
@@ -45,7 +48,7 @@ struct PredictCommand: AsyncParsableCommand {
 
         let failed: Int
         do {
-            failed = try await withModel(at: directory, workers: workers, options: host.hostOptions(), logger: logger) { model in
+            failed = try await withModel(at: directory, workers: workers, executor: executor, options: host.hostOptions(), logger: logger) { model in
                 try await Self.stream(reader, through: model, chunk: max(1, min(16_384, bundle.configuration.batching.maxQueue)))
             }
         } catch let error as SidecarError {
@@ -207,3 +210,5 @@ final class Progress {
         StandardStreams.err("\n")
     }
 }
+
+extension ModelConfiguration.ExecutorKind: ExpressibleByArgument {}

@@ -124,7 +124,14 @@ public final class ModelHost: Service, Sendable {
             bundle.configuration.workers = workers
             bundle.configuration.autoscaling = nil  // a fixed count asked for explicitly
         }
-        if let executor { bundle.configuration.executor = executor }
+        if let executor {
+            bundle.configuration.executor = executor
+            if executor == .embedded, workers == nil {
+                // sidecar.yaml's worker count is for process workers; asked to embed, run one thread.
+                bundle.configuration.workers = 1
+                bundle.configuration.autoscaling = nil
+            }
+        }
         try bundle.configuration.checkExecutor(file: bundle.directory.appendingPathComponent("sidecar.yaml").path)
         let modelName = bundle.configuration.name
         let id: Int = try state.withLock { state in

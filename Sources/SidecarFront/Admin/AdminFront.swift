@@ -71,7 +71,7 @@ struct AdminFront: Sendable {
     private func load(_ request: Request) async throws -> Response {
         let body = try AdminLoadRequest.decode(try await body(request, what: "load request"))
         do {
-            let model = try await host.load(body.directory, workers: body.workers, name: body.name)
+            let model = try await host.load(body.directory, workers: body.workers, name: body.name, executor: body.executorKind)
             return json(AdminModel(model), status: .created)
         } catch {
             throw FrontError.from(error)
@@ -144,6 +144,10 @@ struct AdminLoadRequest: Decodable {
     var directory: String
     var name: String?
     var workers: Int?
+    /// "process" or "embedded"; nil: the model's sidecar.yaml decides.
+    var executor: String?
+
+    var executorKind: ModelConfiguration.ExecutorKind? { executor.flatMap(ModelConfiguration.ExecutorKind.init(rawValue:)) }
 
     static func decode(_ body: Data) throws -> AdminLoadRequest {
         let request: AdminLoadRequest = try decodeAdminBody(body, what: "load request")
@@ -152,6 +156,9 @@ struct AdminLoadRequest: Decodable {
         }
         if let workers = request.workers, !ModelConfiguration.workerRange.contains(workers) {
             throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(workers)")
+        }
+        if let executor = request.executor, ModelConfiguration.ExecutorKind(rawValue: executor) == nil {
+            throw FrontError(.invalidArgument, "executor must be process or embedded, got '\(executor.prefix(40))'")
         }
         if let name = request.name, !ModelConfiguration.isValidName(name) {
             throw FrontError(.invalidArgument, "name must be letters, digits, '-', '_' or '.' (at most 200), got '\(name.prefix(200))'")
@@ -220,6 +227,8 @@ struct AdminModel: Encodable {
     @ExplicitNull var p99Milliseconds: Double?
     var restarts: Int
     @ExplicitNull var autoscaling: Autoscaling?
+    var executor: String
+    @ExplicitNull var executorNote: String?
     var workers: [StatusReport.Worker]
 
     struct Autoscaling: Encodable {
@@ -237,6 +246,7 @@ struct AdminModel: Encodable {
     enum CodingKeys: String, CodingKey {
         case name, state, reason, directory, workersReady = "workers_ready", workersTarget = "workers_target", queued
         case requestsPerSecond = "requests_per_second", p99Milliseconds = "p99_ms", restarts, autoscaling, workers
+        case executor, executorNote = "executor_note"
     }
 
     init(_ model: Model) {
@@ -259,5 +269,7 @@ struct AdminModel: Encodable {
                 lastDecisionAt: a.lastDecisionAt.map { ISO8601DateFormatter().string(from: $0) })
         }
         self.workers = status.workers
+        executor = status.executor
+        executorNote = status.executorNote
     }
 }

@@ -29,7 +29,15 @@ struct StatusReport: Encodable {
         /// The Python traceback or stderr behind `reason`.
         @ExplicitNull var detail: String?
         var queued: Int
+        /// process or embedded.
+        var executor: String
+        /// Why an embedded model runs with process workers, or who shares its interpreter.
+        @ExplicitNull var executorNote: String?
         var workers: [Worker]
+
+        enum CodingKeys: String, CodingKey {
+            case name, state, reason, detail, queued, executor, executorNote = "executor_note", workers
+        }
     }
 
     struct Worker: Encodable {
@@ -61,6 +69,7 @@ struct StatusReport: Encodable {
         }
         return ModelStatus(
             name: model.name, state: state, reason: reason, detail: detail, queued: model.queuedItems,
+            executor: model.executorKind.rawValue, executorNote: model.executorNote,
             workers: model.workers.map { w in
                 Worker(
                     index: w.index, state: w.state.rawValue, pid: w.pid, restarts: w.restarts, recycles: w.recycles,
