@@ -4,7 +4,10 @@
 # 2 workers, load generator on the same machine. Prints req/s, p50 and p99 for each, then the same
 # loads against the same server started with --benchmark-echo (items answered in Swift, no Python):
 # the front's own ceiling on this machine, to read the first lines against. Each line also gives the
-# CPU time per request of the server process and of its Python workers.
+# CPU time per request of the server process and of its Python workers. Then the echo handler
+# embedded (executor: embedded: CPython inside the server), and the no-Python Hummingbird echo of
+# ../shared/bench/peers before and after everything (the HTTP ceiling of the stack itself). Each
+# server also gets one connection alone (wrk -c1): the idle request's latency.
 #
 #   scripts/bench-front.sh            # DUR=10 seconds per load by default
 #
@@ -35,10 +38,11 @@ cpu_per_request() { # server-ticks-before workers-ticks-before requests
     'BEGIN { if (n > 0) printf "cpu/request: server=%.0fus workers=%.0fus", s / hz * 1e6 / n, w / hz * 1e6 / n }'
 }
 
-# One server, both loads; $1 labels the lines, the rest are extra `sidecar serve` arguments.
+# One server, both loads; $1 labels the lines, $2 is the model directory, the rest are extra
+# `sidecar serve` arguments.
 measure() {
-  local label=$1; shift
-  .build/release/sidecar serve Examples/echo --workers 2 --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning "$@" >"$work/server.log" 2>&1 &
+  local label=$1 model=$2; shift 2
+  .build/release/sidecar serve "$model" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning "$@" >"$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
   curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" || { echo "server not ready"; cat "$work/server.log"; exit 1; }
@@ -57,13 +61,43 @@ measure() {
   ok=$(echo "$out" | awk '/^requests:/ {print $8}'); failed=$(echo "$out" | awk '/^requests:/ {print $10}')
   lat=$(echo "$out" | awk '/^time for request:/ {print "min="$4" max="$5" mean="$6}')
   echo "$label grpc  h2load 8 conns × 16 streams req/s=$rps succeeded=$ok failed=$failed time-for-request: $lat $(cpu_per_request $s0 $w0 "$ok")"
+  out=$(wrk -t1 -c1 -d$(( D < 5 ? D : 5 ))s -s scripts/bench/infer.lua --latency "http://127.0.0.1:$HTTP_PORT/v2/models/echo/infer" 2>&1)
+  echo "$label http  wrk 1 connection (idle)   req/s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p50=$(echo "$out" | awk '$1=="50%" {print $2}') p99=$(echo "$out" | awk '$1=="99%" {print $2}')"
   curl -s "http://127.0.0.1:$HTTP_PORT/metrics" | awk -v l="$label" '/^sidecar_batch_size_(sum|count)\{model="echo"\}/ {v[$1]=$2} END {for (k in v) s=s" "k"="v[k]; print l" batches:" s}'
   kill $server; wait $server 2>/dev/null; server=
 }
 
-echo "Sidecar front benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, echo model, 2 workers, ${D}s per load"
-echo "targets: HTTP ≥ 24000 req/s with p99 ≤ 5 ms; gRPC ≥ 30000 req/s"
-measure sidecar
-# The same server with every item answered in Swift (--benchmark-echo): the front and the batcher
-# alone, no Python. The ceiling the line above sits under on this machine, today.
-measure front-alone --benchmark-echo
+# The no-Python Hummingbird echo (../shared/bench/peers' "limit"): the same JSON decoded and
+# re-encoded by Hummingbird alone, on port 18110.
+limit_src="$root/../shared/bench/limit"
+limit() {
+  [ -d "$limit_src" ] || { echo "hummingbird-echo: $limit_src not found, skipped"; return; }
+  local build="$root/.build-limit"
+  mkdir -p "$build/src" && cp -r "$limit_src/." "$build/src/"
+  (cd "$build/src" && swift build -c release >/dev/null 2>&1) || { echo "hummingbird-echo: build failed"; return; }
+  "$build/src/.build/release/hello" >"$work/limit.log" 2>&1 &
+  server=$!
+  sleep 2
+  wrk -t1 -c32 -d2s -s scripts/bench/infer.lua "http://127.0.0.1:18110/v2/models/echo/infer" >/dev/null 2>&1
+  local out
+  out=$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "http://127.0.0.1:18110/v2/models/echo/infer" 2>&1)
+  echo "hummingbird-echo http  wrk 32 connections req/s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p50=$(echo "$out" | awk '$1=="50%" {print $2}') p99=$(echo "$out" | awk '$1=="99%" {print $2}') (no Sidecar, no Python: the stack's ceiling)"
+  kill $server; wait $server 2>/dev/null; server=
+}
+
+# The echo handler embedded: the same directory with executor: embedded.
+mkdir -p "$work/echo-embedded"
+cp Examples/echo/handler.py "$work/echo-embedded/"
+sed -e 's/^workers:.*/workers: 1/' Examples/echo/sidecar.yaml > "$work/echo-embedded/sidecar.yaml"
+echo "executor: embedded" >> "$work/echo-embedded/sidecar.yaml"
+
+echo "Sidecar front benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, echo model, ${D}s per load"
+echo "targets: HTTP ≥ 24000 req/s with p99 ≤ 5 ms; gRPC ≥ 30000 req/s; embedded HTTP ≥ 0.8 × hummingbird-echo, idle p50 within 0.2 ms of front-alone"
+limit
+# Every item answered in Swift (--benchmark-echo): the front and the batcher alone, no Python. The
+# ceiling the Python lines sit under on this machine, today; measured first and last.
+measure front-alone Examples/echo --workers 2 --benchmark-echo
+measure embedded "$work/echo-embedded"
+measure sidecar Examples/echo --workers 2
+measure front-alone Examples/echo --workers 2 --benchmark-echo
+limit

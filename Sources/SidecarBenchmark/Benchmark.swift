@@ -17,13 +17,21 @@ struct Benchmark: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sidecar-bench",
         abstract: "Items per second and per-item p50/p99 through the library API, beside a plain Python loop.",
-        discussion: "swift run -c release sidecar-bench            # echo and iris, 1 and 2 workers")
+        discussion: """
+            swift run -c release sidecar-bench            # echo and iris: 1 and 2 workers, embedded, the plain loop
+
+            One process has one embedded interpreter, on one model's environment: with several models and \
+            the embedded executor, each model is measured in a child sidecar-bench of its own.
+            """)
 
     @Option(help: "Models to measure: name=directory=item JSON, separated by ';'.")
     var models = #"echo=Examples/echo={"x": 1.5, "id": 7};iris=Examples/iris=[5.1, 3.5, 1.4, 0.2]"#
 
     @Option(help: "Worker counts, comma-separated.")
     var workers = "1,2"
+
+    @Option(help: "Executors, comma-separated: process (the worker counts above), embedded (one thread in this process).")
+    var executors = "process,embedded"
 
     @Option(help: "Items per predict call, comma-separated.")
     var batchSizes = "1,16,128,1024"
@@ -44,6 +52,15 @@ struct Benchmark: AsyncParsableCommand {
         let sizes = batchSizes.split(separator: ",").compactMap { Int($0) }
         let workerCounts = workers.split(separator: ",").compactMap { Int($0) }
 
+        let kinds = try executors.split(separator: ",").map { text -> ModelConfiguration.ExecutorKind in
+            guard let kind = ModelConfiguration.ExecutorKind(rawValue: String(text)) else { throw ValidationError("--executors: unknown '\(text)'") }
+            return kind
+        }
+        let specs = models.split(separator: ";").map(String.init)
+        if kinds.contains(.embedded), specs.count > 1 {
+            for spec in specs { try Self.runChild(arguments: CommandLine.arguments, models: spec) }
+            return
+        }
         print("Sidecar benchmark — \(Date().formatted(.iso8601)), \(ProcessInfo.processInfo.activeProcessorCount) cores, \(Self.cpuModel())")
         print("""
             items/call: items per predict(batch:) call; callers: concurrent callers (\(outstanding) / items per call, 4…256); \
@@ -53,19 +70,25 @@ struct Benchmark: AsyncParsableCommand {
             over that loop's.
 
             """)
-        for spec in models.split(separator: ";") {
+        for spec in specs {
             let parts = spec.split(separator: "=", maxSplits: 2).map(String.init)
             guard parts.count == 3 else { throw ValidationError("--models entry must be name=directory=item: \(spec)") }
             let (name, directory) = (parts[0], parts[1])
             let item = try JSONValue(json: parts[2])
             print("## \(name) (\(directory)), item \(item.json)")
-            var rows: [(workers: Int, batch: Int, result: Measurement)] = []
+            var rows: [(label: String, batch: Int, result: Measurement)] = []
             var environment: PythonEnvironment?
-            for count in workerCounts {
-                try await withModel(at: directory, workers: count, options: options, logger: logger) { model in
+            var configurations: [(label: String, workers: Int?, executor: ModelConfiguration.ExecutorKind)] = []
+            if kinds.contains(.process) { configurations += workerCounts.map { ("\($0) process", $0, .process) } }
+            if kinds.contains(.embedded) { configurations.append(("embedded", nil, .embedded)) }
+            for configuration in configurations {
+                try await withModel(at: directory, workers: configuration.workers, executor: configuration.executor, options: options, logger: logger) { model in
                     environment = model.environment
+                    // A lone caller with one item: the latency of a call with nothing else going on.
+                    rows.append((configuration.label, 1, try await Self.measure(model: model, item: item, batch: 1, callers: 1, seconds: seconds)))
                     for size in sizes {
-                        rows.append((count, size, try await Self.measure(model: model, item: item, batch: size, outstanding: outstanding, seconds: seconds)))
+                        let callers = max(4, min(256, outstanding / size))
+                        rows.append((configuration.label, size, try await Self.measure(model: model, item: item, batch: size, callers: callers, seconds: seconds)))
                     }
                 }
             }
@@ -76,14 +99,18 @@ struct Benchmark: AsyncParsableCommand {
             let ceilings = Dictionary(
                 uniqueKeysWithValues: try await Self.ceiling(environment: environment, bundle: bundle, item: item, sizes: formed, seconds: min(seconds, 2))
                     .map { ($0.batch, $0) })
-            print(Self.row(["workers", "items/call", "callers", "mean batch", "items/s", "p50 ms", "p99 ms", "loop: handler", "loop: +JSON", "÷ handler", "÷ +JSON"]))
-            print(Self.row(Array(repeating: "---", count: 11)))
+            print(Self.row([
+                "executor", "items/call", "callers", "mean batch", "items/s", "p50 ms", "p99 ms", "CPU µs/batch: server", "workers",
+                "loop: handler", "loop: +JSON", "÷ handler", "÷ +JSON",
+            ]))
+            print(Self.row(Array(repeating: "---", count: 13)))
             for row in rows {
                 let r = row.result
                 let ceiling = ceilings[max(1, Int(r.meanBatch.rounded()))]
                 print(Self.row([
-                    "\(row.workers)", "\(row.batch)", "\(r.callers)", String(format: "%.0f", r.meanBatch), Self.format(r.itemsPerSecond),
+                    row.label, "\(row.batch)", "\(r.callers)", String(format: "%.0f", r.meanBatch), Self.format(r.itemsPerSecond),
                     String(format: "%.3f", r.p50), String(format: "%.3f", r.p99),
+                    String(format: "%.0f", r.serverCPUPerBatch), r.workerCPUPerBatch.map { String(format: "%.0f", $0) } ?? "-",
                     ceiling.map { Self.format($0.handler) } ?? "-", ceiling.map { Self.format($0.codec) } ?? "-",
                     ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.handler) } ?? "-",
                     ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.codec) } ?? "-",
@@ -99,22 +126,61 @@ struct Benchmark: AsyncParsableCommand {
         var itemsPerSecond: Double
         var p50: Double
         var p99: Double
+        /// CPU time of this process (the server: front-less, the library API) per batch formed, µs.
+        var serverCPUPerBatch: Double
+        /// CPU time of the worker processes per batch, µs (nil: embedded, no workers).
+        var workerCPUPerBatch: Double?
     }
 
-    static func measure(model: Model, item: JSONValue, batch: Int, outstanding: Int, seconds: Double) async throws -> Measurement {
+    static func measure(model: Model, item: JSONValue, batch: Int, callers: Int, seconds: Double) async throws -> Measurement {
         let items = Array(repeating: item, count: batch)
-        let callers = max(4, min(256, outstanding / batch))
         // Warm up: fill the pipes, let the workers' allocators settle.
         _ = try await run(model: model, items: items, callers: callers, for: .milliseconds(300))
         let before = model.batchStatistics
+        let workerPIDs = model.workers.compactMap(\.pid).filter { $0 != getpid() }
+        let (server0, workers0) = (Self.cpuSeconds(of: getpid()), workerPIDs.map(Self.cpuSeconds).reduce(0, +))
         let start = ContinuousClock.now
         let latencies = try await run(model: model, items: items, callers: callers, for: .milliseconds(Int(seconds * 1000)))
         let elapsed = (ContinuousClock.now - start).inSeconds
+        let (server1, workers1) = (Self.cpuSeconds(of: getpid()), workerPIDs.map(Self.cpuSeconds).reduce(0, +))
         let sorted = latencies.sorted()
         func percentile(_ p: Double) -> Double { sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
         let after = model.batchStatistics
         let meanBatch = Double(after.items - before.items) / Double(max(1, after.batches - before.batches))
-        return Measurement(callers: callers, meanBatch: meanBatch, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99))
+        let batches = Double(max(1, after.batches - before.batches))
+        return Measurement(
+            callers: callers, meanBatch: meanBatch, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99),
+            serverCPUPerBatch: (server1 - server0) * 1e6 / batches, workerCPUPerBatch: workerPIDs.isEmpty ? nil : (workers1 - workers0) * 1e6 / batches)
+    }
+
+    /// User + system CPU seconds of process `pid`, from /proc (0 if it is gone).
+    static func cpuSeconds(of pid: Int32) -> Double {
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")")
+        else { return 0 }
+        // Fields after the command name: state is field 3, utime 14, stime 15.
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 12, let user = Double(fields[11]), let system = Double(fields[12]) else { return 0 }
+        return (user + system) / Double(sysconf(Int32(_SC_CLK_TCK)))
+    }
+
+    /// Runs this benchmark again in a child process for one model (its own embedded interpreter).
+    static func runChild(arguments: [String], models: String) throws {
+        var rest: [String] = []
+        var skip = false
+        for argument in arguments.dropFirst() {
+            if skip { skip = false; continue }
+            if argument == "--models" { skip = true; continue }
+            if argument.hasPrefix("--models=") { continue }
+            rest.append(argument)
+        }
+        let child = Process()
+        child.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        child.arguments = rest + ["--models", models]
+        fflush(nil)
+        try child.run()
+        child.waitUntilExit()
+        guard child.terminationStatus == 0 else { throw ExitCode(child.terminationStatus) }
     }
 
     /// Runs `callers` concurrent loops of `predict(batch:)` until `duration` has passed; returns each
