@@ -70,8 +70,8 @@ class Runner:
             )
         return result.SerializeToString()
 
-    def drain_logs(self) -> Optional[List[bytes]]:
-        """Serialized ``LogRecord``s logged since the last call, or None (the common case)."""
+    def drain_logs(self) -> Tuple[bytes, ...]:
+        """Serialized ``LogRecord``s logged since the last call; usually ``()``, which allocates nothing."""
         return self._forwarder.drain()
 
     def close(self) -> None:
@@ -89,14 +89,14 @@ class _EmbeddedLogs(LogForwarder):
     append and popleft.
     """
 
-    def drain(self) -> Optional[List[bytes]]:
+    def drain(self) -> Tuple[bytes, ...]:
         buffer = self._buffer
         if not buffer:
-            return None
+            return ()
         records = []
         while buffer:
             records.append(buffer.popleft().log.SerializeToString())
-        return records
+        return tuple(records)
 
 
 def _forget(directory: str, logger: logging.Logger, forwarder: logging.Handler) -> None:
