@@ -137,18 +137,36 @@ _fault_file: Optional[Any] = None
 def enable_fault_log(path: str) -> None:
     """Send `faulthandler`'s report of a crash (every thread's Python stack) to `path`.
 
-    Empty logs of earlier servers (they exited without a crash) are removed; a non-empty one is the
-    evidence of a crash and stays.
+    Empty logs of servers that have exited (without a crash) are removed; a non-empty one is the
+    evidence of a crash and stays, and so does every log of a server still running.
     """
     global _fault_file
     import faulthandler
     import glob
 
     for old in glob.glob(os.path.join(os.path.dirname(path), "faults-*.log")):
+        if old == path or not _exited(old):
+            continue  # a running server's log: it may still need it
         try:
-            if old != path and os.path.getsize(old) == 0:
+            if os.path.getsize(old) == 0:
                 os.remove(old)
         except OSError:
             pass
     _fault_file = open(path, "w")
     faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def _exited(log_path: str) -> bool:
+    """Whether the server that owns ``faults-<pid>.log`` is gone."""
+    name = os.path.basename(log_path)
+    try:
+        pid = int(name[len("faults-") : -len(".log")])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

@@ -169,10 +169,13 @@ final class EmbeddedExecutor: Executor {
         let loaded = await onThread { self.loadOnThread() }
         record?.clear()
         guard let loaded else { return }  // failed meanwhile (startup_s passed): the load is abandoned
-        if case .failure(let error) = loaded {
+        switch loaded {
+        case .failure(let error):
             readiness.resolve(.failure(error))
             thread.finish()
             return
+        case .success(let logs):
+            forward(logs)
         }
         status.withLock { $0.state = .ready }
         logger.info(
@@ -285,17 +288,19 @@ final class EmbeddedExecutor: Executor {
 
     // MARK: On the thread (the GIL taken here and released before each job ends)
 
-    private func loadOnThread() -> Result<Void, SidecarError> {
+    /// Loads the handler; the log records its loading wrote come back with the outcome.
+    private func loadOnThread() -> Result<[[UInt8]], SidecarError> {
         guard let threadState = interpreter.makeThreadState(), let runtime = interpreter.runtime else {
             return .failure(SidecarError(.loadFailed, "model '\(spec.model)': the embedded interpreter is not running"))
         }
         PyEval_RestoreThread(threadState.state)
         let loaded = load(runtime: runtime, threadState: threadState)
+        let logs = (try? loaded.get()).map(drainLogs) ?? []
         _ = PyEval_SaveThread()
         switch loaded {
         case .success(let loaded):
             state.withLock { $0.loaded = loaded }
-            return .success(())
+            return .success(logs)
         case .failure(let error):
             interpreter.releaseThreadState(threadState)
             return .failure(error)

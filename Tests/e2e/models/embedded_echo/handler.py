@@ -1,0 +1,5 @@
+"""Echo: returns every item unchanged. The smallest handler, and the benchmark's workload."""
+
+
+def predict(batch):
+    return batch
