@@ -46,10 +46,16 @@ final class EmbeddedExecutor: Executor {
     }
 
     /// How one batch came back from the thread.
-    private enum Outcome: Sendable {
-        case result([UInt8], logs: [[UInt8]])
-        /// Python raised out of the runtime (the interrupt landing outside the handler, a runtime bug).
-        case raised(PythonCalls.Failure, logs: [[UInt8]])
+    private struct Outcome: Sendable {
+        enum Value: Sendable {
+            case result([UInt8])
+            /// Python raised out of the runtime (the interrupt landing outside the handler, a runtime bug).
+            case raised(PythonCalls.Failure)
+        }
+        var value: Value
+        var logs: [[UInt8]]
+        /// The watch raised `BatchTimeout` into it.
+        var interrupted: Bool
     }
 
     private struct Running {
@@ -67,10 +73,14 @@ final class EmbeddedExecutor: Executor {
         /// The batch whose Python call is in progress, set and cleared by the thread with the GIL
         /// held: what an interrupt checks (under the GIL) before it raises.
         var inPython: UInt64?
-        /// Ends the wait for the job in progress on the thread: ``fail(_:)`` calls it, so that a
-        /// stuck thread does not hold up the model's end.
-        var abandon: (@Sendable () -> Void)?
+        /// End the waits for the jobs queued on or running on the thread: ``fail(_:)`` calls them,
+        /// so that a stuck thread does not hold up the model's end.
+        var abandon: [UInt64: @Sendable () -> Void] = [:]
+        var nextCall: UInt64 = 0
     }
+
+    /// Batches handed to the thread at once: the one it runs and the one queued behind it.
+    static let pipeline = 2
 
     private let state = Mutex(State())
     private let readiness = Readiness()
@@ -183,8 +193,16 @@ final class EmbeddedExecutor: Executor {
             metadata: ["load_seconds": "\(String(format: "%.2f", (ContinuousClock.now - started).inSeconds))", "python": "\(interpreter.version ?? "?")"])
         readiness.resolve(.success(()))
 
-        while let job = await batcher.nextBatch() {
-            guard await runBatch(job) else { break }
+        // Two lanes: while the thread runs one batch the next is taken, encoded and queued behind
+        // it, so the thread goes from batch to batch without waiting for Swift in between.
+        await withDiscardingTaskGroup { lanes in
+            for _ in 0..<Self.pipeline {
+                lanes.addTask {
+                    while let job = await self.batcher.nextBatch() {
+                        guard await self.runBatch(job) else { break }
+                    }
+                }
+            }
         }
         // A stuck thread never comes back: leave it (and its thread state) alone.
         guard state.withLock({ $0.failure == nil }) else { return }
@@ -204,20 +222,12 @@ final class EmbeddedExecutor: Executor {
         }
         status.withLock {
             $0.state = .busy
-            $0.inFlight = 1
+            $0.inFlight += 1
         }
-        record?.running(batch: job.id, items: job.count)
-        let start = ContinuousClock.now
-        state.withLock { $0.running = Running(id: job.id, count: job.count, started: start) }
-        let outcome = await onThread { self.runOnThread(bytes, id: job.id) }
-        let interrupted = state.withLock { state -> Bool in
-            defer { state.running = nil }
-            return state.running?.interruptedAt != nil
-        }
-        record?.idle()
+        let outcome = await onThread { self.runOnThread(bytes, id: job.id, count: job.count) }
         status.withLock {
-            $0.inFlight = 0
-            if $0.state == .busy { $0.state = .ready }
+            $0.inFlight -= 1
+            if $0.inFlight == 0, $0.state == .busy { $0.state = .ready }
         }
         guard let outcome else {
             // The model failed while the batch ran (it is stuck): the thread is left to itself.
@@ -225,9 +235,10 @@ final class EmbeddedExecutor: Executor {
             job.fail(PredictionError(kind: .unavailable, type: "Unavailable", message: message))
             return false
         }
-        switch outcome {
-        case .raised(let failure, let logs):
-            forward(logs)
+        forward(outcome.logs)
+        let interrupted = outcome.interrupted
+        switch outcome.value {
+        case .raised(let failure):
             if interrupted {
                 job.fail(timeoutError(job))
             } else {
@@ -235,8 +246,7 @@ final class EmbeddedExecutor: Executor {
                     kind: .handlerError, type: "InternalError", message: "the embedded runtime failed: \(failure.headline)",
                     traceback: failure.traceback.isEmpty ? nil : failure.traceback))
             }
-        case .result(let bytes, let logs):
-            forward(logs)
+        case .result(let bytes):
             guard let result = try? Sidecar_Worker_V1_BatchResult(serializedBytes: bytes) else {
                 job.fail(PredictionError(kind: .handlerError, type: "ProtocolError", message: "the embedded runtime answered with a malformed result"))
                 break
@@ -266,16 +276,19 @@ final class EmbeddedExecutor: Executor {
     /// is stuck and its result, should it ever come, is dropped) or the thread takes no more jobs.
     private func onThread<T: Sendable>(_ body: @escaping () -> T) async -> T? {
         let once = ResumeOnce<T?>()
+        let callID = Mutex<UInt64?>(nil)
         let value = await withCheckedContinuation { (continuation: CheckedContinuation<T?, Never>) in
             once.set(continuation)
-            let refused = state.withLock { state -> Bool in
-                guard state.failure == nil else { return true }
-                state.abandon = { once.resume(nil) }
-                return false
+            let call = state.withLock { state -> UInt64? in
+                guard state.failure == nil else { return nil }
+                state.nextCall += 1
+                state.abandon[state.nextCall] = { once.resume(nil) }
+                return state.nextCall
             }
-            if refused || !thread.submit({ once.resume(body()) }) { once.resume(nil) }
+            if call == nil || !thread.submit({ once.resume(body()) }) { once.resume(nil) }
+            callID.withLock { $0 = call }
         }
-        state.withLock { $0.abandon = nil }
+        if let call = callID.withLock({ $0 }) { state.withLock { _ = $0.abandon.removeValue(forKey: call) } }
         return value
     }
 
@@ -343,31 +356,44 @@ final class EmbeddedExecutor: Executor {
         return .success(Loaded(threadState: threadState, runner: runner, run: run, drainLogs: drain))
     }
 
-    private func runOnThread(_ bytes: [UInt8], id: UInt64) -> Outcome {
+    private func runOnThread(_ bytes: [UInt8], id: UInt64, count: Int) -> Outcome {
         guard let loaded = state.withLock({ $0.loaded }) else {
-            return .raised(PythonCalls.Failure(type: "RuntimeError", message: "model '\(spec.model)' is not loaded", traceback: ""), logs: [])
+            let failure = PythonCalls.Failure(type: "RuntimeError", message: "model '\(spec.model)' is not loaded", traceback: "")
+            return Outcome(value: .raised(failure), logs: [], interrupted: false)
         }
+        record?.running(batch: id, items: count)
         PyEval_RestoreThread(loaded.threadState.state)
-        state.withLock { $0.inPython = id }
+        // Set and cleared with the GIL held: what an interrupt checks before it raises.
+        state.withLock {
+            $0.running = Running(id: id, count: count, started: .now)
+            $0.inPython = id
+        }
         let called = PythonCalls.call(loaded.run, bytes: bytes)
-        state.withLock { $0.inPython = nil }
+        let interrupted = state.withLock { state -> Bool in
+            defer {
+                state.inPython = nil
+                state.running = nil
+            }
+            return state.running?.interruptedAt != nil
+        }
         // An interrupt raised just as the batch returned must not land in the next one.
         _ = PyThreadState_SetAsyncExc(loaded.threadState.ident, nil)
         let logs = drainLogs(loaded)
-        let outcome: Outcome
+        let value: Outcome.Value
         switch called {
-        case .success(let value):
-            let data = PythonCalls.bytes(value)
-            PythonCalls.release(value)
+        case .success(let result):
+            let data = PythonCalls.bytes(result)
+            PythonCalls.release(result)
             switch data {
-            case .success(let bytes): outcome = .result(bytes, logs: logs)
-            case .failure(let failure): outcome = .raised(failure, logs: logs)
+            case .success(let bytes): value = .result(bytes)
+            case .failure(let failure): value = .raised(failure)
             }
         case .failure(let failure):
-            outcome = .raised(failure, logs: logs)
+            value = .raised(failure)
         }
         _ = PyEval_SaveThread()
-        return outcome
+        record?.idle()
+        return Outcome(value: value, logs: logs, interrupted: interrupted)
     }
 
     /// The handler's log records since the last batch (usually none: one call, no allocation).
@@ -450,12 +476,12 @@ final class EmbeddedExecutor: Executor {
     /// Marks the model FAILED: refuses new requests and fails queued ones with `error`; the batch in
     /// progress (if any) is answered with it and its thread left to itself.
     private func fail(_ error: SidecarError) {
-        let abandon = state.withLock { state -> (@Sendable () -> Void)? in
-            guard state.failure == nil else { return nil }
+        let abandon = state.withLock { state -> [@Sendable () -> Void] in
+            guard state.failure == nil else { return [] }
             state.failure = error
             state.stopping = true
-            defer { state.abandon = nil }
-            return state.abandon
+            defer { state.abandon = [:] }
+            return Array(state.abandon.values)
         }
         logger.critical("\(error.message)")
         status.withLock {
@@ -464,7 +490,7 @@ final class EmbeddedExecutor: Executor {
         }
         batcher.fail(error)
         readiness.resolve(.failure(error))
-        abandon?()
+        for end in abandon { end() }
     }
 }
 

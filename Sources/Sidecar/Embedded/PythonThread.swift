@@ -1,5 +1,6 @@
 import DequeModule
 import Foundation
+import Synchronization
 
 /// A dedicated OS thread that runs Python, fed jobs through a queue.
 ///
@@ -11,6 +12,12 @@ final class PythonThread: @unchecked Sendable {
     private let condition = NSCondition()
     private var jobs: Deque<() -> Void> = []
     private var finishing = false
+    /// Jobs queued, readable without the lock: what the thread watches while it spins.
+    private let queued = Atomic<Int>(0)
+    /// After a job, the thread looks for the next one this long before it sleeps: a batch that
+    /// follows within it starts without a wake-up (tens of µs on a VM), at the price of this much
+    /// CPU per batch when none follows.
+    private static let spin: Duration = .microseconds(30)
 
     /// 16 MiB: what CPython's main thread gets on Linux; deep recursion in a handler (or numpy,
     /// scikit-learn) must not overflow a smaller thread stack.
@@ -23,12 +30,15 @@ final class PythonThread: @unchecked Sendable {
 
     private func loop() {
         while true {
+            let until = ContinuousClock.now.advanced(by: Self.spin)
+            while queued.load(ordering: .acquiring) == 0, ContinuousClock.now < until {}
             condition.lock()
             while jobs.isEmpty, !finishing { condition.wait() }
             guard let job = jobs.popFirst() else {
                 condition.unlock()
                 return
             }
+            queued.subtract(1, ordering: .relaxed)
             condition.unlock()
             job()
         }
@@ -41,6 +51,7 @@ final class PythonThread: @unchecked Sendable {
         defer { condition.unlock() }
         guard !finishing else { return false }
         jobs.append(job)
+        queued.add(1, ordering: .releasing)
         condition.signal()
         return true
     }
