@@ -109,7 +109,7 @@ import Testing
         let stuck = try Fixtures.model([
             "stuck_c.py": "import ctypes\ndef predict(items):\n    ctypes.CDLL(None).sleep(8)\n    return items\n",
             "sidecar.yaml": "handler: stuck_c:predict\ntimeouts: {batch_timeout_s: 0.3, ping_interval_s: 0.1, ping_timeout_s: 1}\n",
-        ], name: "stuck")
+        ], name: "stuck-\(UInt32.random(in: 0...UInt32.max))")
         let other = try Fixtures.model(["handler.py": "def predict(items):\n    return items\n"], name: "other")
         try await withModelHost(options: Fixtures.hostOptions, logger: Fixtures.logger) { host in
             let embedded = try await host.load(stuck.path, executor: .embedded)
@@ -135,7 +135,7 @@ import Testing
             "gil_holder.py": "import ctypes\ndef predict(items):\n    ctypes.PyDLL(None).sleep(4)\n    return items\n",
             "sidecar.yaml": "handler: gil_holder:predict\ntimeouts: {batch_timeout_s: 60, ping_interval_s: 0.1, ping_timeout_s: 1}\n",
         ]
-        try await withEmbedded(files, name: "gil") { (model: Model) async throws in
+        try await withEmbedded(files, name: "gil-\(UInt32.random(in: 0...UInt32.max))") { (model: Model) async throws in
             let error = await #expect(throws: (any Error).self) { try await model.predict(Fixtures.json("1")) }
             #expect("\(error!)".contains("GIL"))
             #expect(model.state != .ready)

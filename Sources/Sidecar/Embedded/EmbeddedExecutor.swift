@@ -357,7 +357,9 @@ final class EmbeddedExecutor: Executor {
     }
 
     private func runOnThread(_ bytes: [UInt8], id: UInt64, count: Int) -> Outcome {
-        guard let loaded = state.withLock({ $0.loaded }) else {
+        // A batch queued behind one that got stuck: its caller was answered when the model failed,
+        // so it must not run (with `retry: false` it would run a second time, answered or not).
+        guard let loaded = state.withLock({ $0.failure == nil ? $0.loaded : nil }) else {
             let failure = PythonCalls.Failure(type: "RuntimeError", message: "model '\(spec.model)' is not loaded", traceback: "")
             return Outcome(value: .raised(failure), logs: [], interrupted: false)
         }
@@ -483,6 +485,8 @@ final class EmbeddedExecutor: Executor {
             defer { state.abandon = [:] }
             return Array(state.abandon.values)
         }
+        // The record is for crashes: a model failed here is known, and the server did not die of it.
+        record?.clear()
         logger.critical("\(error.message)")
         status.withLock {
             $0.state = .hung
