@@ -5,7 +5,9 @@ Run with the model environment's interpreter (it imports the installed sidecar_w
     ENV/bin/python scripts/bench_ceiling.py --model-dir Examples/iris --handler handler:IrisClassifier \
         --item '[5.1, 3.5, 1.4, 0.2]' --batch-sizes 1,16,256 --seconds 2
 
-For each batch size it prints one JSON line with two rates, in items per second, for one process:
+For each batch size it prints one JSON line with two rates, in items per second, for one process
+(with --serve, for each batch size read from a line of standard input, so that a benchmark can
+measure the ceiling right before and right after its own run, on a host whose speed drifts):
   handler  predict(batch) over already-decoded batches: the handler alone;
   codec    decode the batch's JSON items, predict, encode the outputs: the least a JSON server must
            do per batch, without any transport.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,128,1024")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--config-json", default="{}")
+    parser.add_argument("--serve", action="store_true", help="read batch sizes from stdin, one per line")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -55,7 +59,8 @@ def main() -> None:
     predict = handler.predict
     item = args.item.encode()
 
-    for size in (int(s) for s in args.batch_sizes.split(",")):
+    sizes = (int(line) for line in sys.stdin if line.strip()) if args.serve else (int(s) for s in args.batch_sizes.split(","))
+    for size in sizes:
         raw = [item] * size
         decoded = decode_items(raw).values
 

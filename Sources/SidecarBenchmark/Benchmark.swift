@@ -66,8 +66,9 @@ struct Benchmark: AsyncParsableCommand {
             items/call: items per predict(batch:) call; callers: concurrent callers (\(outstanding) / items per call, 4…256); \
             mean batch: items per batch sent to a worker (smart batching merges calls up to max_batch_size); \
             p50/p99: latency of the call that carried the item; loop: the same handler in a plain Python loop in one \
-            process over batches of the mean batch size, handler alone and with JSON decode/encode; ÷: Sidecar's items/s \
-            over that loop's.
+            process over batches of the size the row's warm-up formed, handler alone and with JSON decode/encode, measured \
+            right before and right after the row (the host's speed drifts); ÷: Sidecar's items/s over the mean of the two; \
+            CPU µs/batch: CPU time per batch formed, of this process (embedded: Python included) and of the worker processes.
 
             """)
         for spec in specs {
@@ -77,43 +78,40 @@ struct Benchmark: AsyncParsableCommand {
             let item = try JSONValue(json: parts[2])
             print("## \(name) (\(directory)), item \(item.json)")
             var rows: [(label: String, batch: Int, result: Measurement)] = []
-            var environment: PythonEnvironment?
             var configurations: [(label: String, workers: Int?, executor: ModelConfiguration.ExecutorKind)] = []
             if kinds.contains(.process) { configurations += workerCounts.map { ("\($0) process", $0, .process) } }
             if kinds.contains(.embedded) { configurations.append(("embedded", nil, .embedded)) }
+            var ceiling: CeilingProcess?
+            defer { ceiling?.close() }
+            let bundle = try ModelBundle(directory: directory)
             for configuration in configurations {
                 try await withModel(at: directory, workers: configuration.workers, executor: configuration.executor, options: options, logger: logger) { model in
-                    environment = model.environment
+                    if ceiling == nil { ceiling = try CeilingProcess(environment: model.environment, bundle: bundle, item: item, seconds: min(seconds, 2)) }
+                    let loop = ceiling!
                     // A lone caller with one item: the latency of a call with nothing else going on.
-                    rows.append((configuration.label, 1, try await Self.measure(model: model, item: item, batch: 1, callers: 1, seconds: seconds)))
+                    rows.append((configuration.label, 1, try await Self.measure(model: model, item: item, batch: 1, callers: 1, seconds: seconds, ceiling: loop)))
                     for size in sizes {
                         let callers = max(4, min(256, outstanding / size))
-                        rows.append((configuration.label, size, try await Self.measure(model: model, item: item, batch: size, callers: callers, seconds: seconds)))
+                        rows.append((configuration.label, size, try await Self.measure(model: model, item: item, batch: size, callers: callers, seconds: seconds, ceiling: loop)))
                     }
                 }
             }
-            guard let environment else { continue }
-            // The ceiling, measured at the batch sizes Sidecar actually formed ("the same batches").
-            let bundle = try ModelBundle(directory: directory)
-            let formed = Set(rows.map { max(1, Int($0.result.meanBatch.rounded())) }).sorted()
-            let ceilings = Dictionary(
-                uniqueKeysWithValues: try await Self.ceiling(environment: environment, bundle: bundle, item: item, sizes: formed, seconds: min(seconds, 2))
-                    .map { ($0.batch, $0) })
             print(Self.row([
                 "executor", "items/call", "callers", "mean batch", "items/s", "p50 ms", "p99 ms", "CPU µs/batch: server", "workers",
-                "loop: handler", "loop: +JSON", "÷ handler", "÷ +JSON",
+                "loop: handler (before/after)", "loop: +JSON (before/after)", "÷ handler", "÷ +JSON",
             ]))
             print(Self.row(Array(repeating: "---", count: 13)))
             for row in rows {
                 let r = row.result
-                let ceiling = ceilings[max(1, Int(r.meanBatch.rounded()))]
+                let (before, after) = (r.ceilingBefore, r.ceilingAfter)
+                let handler = (before.handler + after.handler) / 2
+                let codec = (before.codec + after.codec) / 2
                 print(Self.row([
                     row.label, "\(row.batch)", "\(r.callers)", String(format: "%.0f", r.meanBatch), Self.format(r.itemsPerSecond),
                     String(format: "%.3f", r.p50), String(format: "%.3f", r.p99),
                     String(format: "%.0f", r.serverCPUPerBatch), r.workerCPUPerBatch.map { String(format: "%.0f", $0) } ?? "-",
-                    ceiling.map { Self.format($0.handler) } ?? "-", ceiling.map { Self.format($0.codec) } ?? "-",
-                    ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.handler) } ?? "-",
-                    ceiling.map { String(format: "%.2f", r.itemsPerSecond / $0.codec) } ?? "-",
+                    "\(Self.format(before.handler)) / \(Self.format(after.handler))", "\(Self.format(before.codec)) / \(Self.format(after.codec))",
+                    String(format: "%.2f", r.itemsPerSecond / handler), String(format: "%.2f", r.itemsPerSecond / codec),
                 ]))
             }
             print("")
@@ -130,12 +128,22 @@ struct Benchmark: AsyncParsableCommand {
         var serverCPUPerBatch: Double
         /// CPU time of the worker processes per batch, µs (nil: embedded, no workers).
         var workerCPUPerBatch: Double?
+        /// The plain loop at the batch size the warm-up formed, right before and right after.
+        var ceilingBefore: CeilingLine
+        var ceilingAfter: CeilingLine
     }
 
-    static func measure(model: Model, item: JSONValue, batch: Int, callers: Int, seconds: Double) async throws -> Measurement {
+    static func measure(
+        model: Model, item: JSONValue, batch: Int, callers: Int, seconds: Double, ceiling: CeilingProcess
+    ) async throws -> Measurement {
         let items = Array(repeating: item, count: batch)
-        // Warm up: fill the pipes, let the workers' allocators settle.
+        // Warm up: fill the pipes, let the workers' allocators settle; it also shows the batch size
+        // this load forms, at which the plain loop is measured right before and right after.
+        let warming = model.batchStatistics
         _ = try await run(model: model, items: items, callers: callers, for: .milliseconds(300))
+        let warmed = model.batchStatistics
+        let formed = max(1, Int((Double(warmed.items - warming.items) / Double(max(1, warmed.batches - warming.batches))).rounded()))
+        let ceilingBefore = try ceiling.rate(batch: formed)
         let before = model.batchStatistics
         let workerPIDs = model.workers.compactMap(\.pid).filter { $0 != getpid() }
         let (server0, workers0) = (Self.cpuSeconds(of: getpid()), workerPIDs.map(Self.cpuSeconds).reduce(0, +))
@@ -143,6 +151,7 @@ struct Benchmark: AsyncParsableCommand {
         let latencies = try await run(model: model, items: items, callers: callers, for: .milliseconds(Int(seconds * 1000)))
         let elapsed = (ContinuousClock.now - start).inSeconds
         let (server1, workers1) = (Self.cpuSeconds(of: getpid()), workerPIDs.map(Self.cpuSeconds).reduce(0, +))
+        let ceilingAfter = try ceiling.rate(batch: formed)
         let sorted = latencies.sorted()
         func percentile(_ p: Double) -> Double { sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))] * 1000 }
         let after = model.batchStatistics
@@ -150,7 +159,8 @@ struct Benchmark: AsyncParsableCommand {
         let batches = Double(max(1, after.batches - before.batches))
         return Measurement(
             callers: callers, meanBatch: meanBatch, itemsPerSecond: Double(latencies.count * batch) / elapsed, p50: percentile(0.5), p99: percentile(0.99),
-            serverCPUPerBatch: (server1 - server0) * 1e6 / batches, workerCPUPerBatch: workerPIDs.isEmpty ? nil : (workers1 - workers0) * 1e6 / batches)
+            serverCPUPerBatch: (server1 - server0) * 1e6 / batches, workerCPUPerBatch: workerPIDs.isEmpty ? nil : (workers1 - workers0) * 1e6 / batches,
+            ceilingBefore: ceilingBefore, ceilingAfter: ceilingAfter)
     }
 
     /// User + system CPU seconds of process `pid`, from /proc (0 if it is gone).
@@ -212,27 +222,6 @@ struct Benchmark: AsyncParsableCommand {
         var codec: Double
     }
 
-    /// Runs scripts/bench_ceiling.py in the model's own environment.
-    static func ceiling(environment: PythonEnvironment, bundle: ModelBundle, item: JSONValue, sizes: [Int], seconds: Double) async throws -> [CeilingLine] {
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-            .appendingPathComponent("scripts/bench_ceiling.py")
-        let result = try await Subprocess.run(
-            .path(FilePath(environment.python.path)),
-            arguments: [
-                script.path, "--model-dir", bundle.directory.path, "--handler", bundle.configuration.handler, "--item", item.json,
-                "--batch-sizes", sizes.map(String.init).joined(separator: ","), "--seconds", "\(seconds)",
-                "--config-json", bundle.configuration.handlerConfig.json,
-            ],
-            workingDirectory: FilePath(bundle.directory.path),
-            output: .string(limit: 1 << 20),
-            error: .string(limit: 1 << 20))
-        guard result.terminationStatus.isSuccess else {
-            throw ValidationError("bench_ceiling.py failed: \(result.standardError)")
-        }
-        let text = result.standardOutput
-        return try text.split(separator: "\n").map { try JSONDecoder().decode(CeilingLine.self, from: Data($0.utf8)) }
-    }
-
     static func row(_ cells: [String]) -> String { "| " + cells.joined(separator: " | ") + " |" }
 
     static func format(_ rate: Double) -> String {
@@ -244,5 +233,47 @@ struct Benchmark: AsyncParsableCommand {
               let line = info.split(separator: "\n").first(where: { $0.hasPrefix("model name") })
         else { return "unknown CPU" }
         return line.split(separator: ":", maxSplits: 1).last.map { $0.trimmingCharacters(in: .whitespaces) } ?? "unknown CPU"
+    }
+}
+
+/// scripts/bench_ceiling.py --serve in the model's own environment: the same handler in a plain
+/// Python loop, asked for one batch size at a time so that each row is bracketed by it.
+final class CeilingProcess {
+    private let process = Process()
+    private let input = Pipe()
+    private let output = Pipe()
+    private var buffer = Data()
+
+    init(environment: PythonEnvironment, bundle: ModelBundle, item: JSONValue, seconds: Double) throws {
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("scripts/bench_ceiling.py")
+        process.executableURL = environment.python
+        process.arguments = [
+            script.path, "--serve", "--model-dir", bundle.directory.path, "--handler", bundle.configuration.handler, "--item", item.json,
+            "--seconds", "\(seconds)", "--config-json", bundle.configuration.handlerConfig.json,
+        ]
+        process.currentDirectoryURL = bundle.directory
+        process.standardInput = input
+        process.standardOutput = output
+        try process.run()
+    }
+
+    /// Blocks while the loop runs (the benchmark's model is idle meanwhile).
+    func rate(batch: Int) throws -> Benchmark.CeilingLine {
+        input.fileHandleForWriting.write(Data("\(batch)\n".utf8))
+        while !buffer.contains(UInt8(ascii: "\n")) {
+            let chunk = output.fileHandleForReading.availableData
+            guard !chunk.isEmpty else { throw ValidationError("bench_ceiling.py ended early (see its error above)") }
+            buffer.append(chunk)
+        }
+        let end = buffer.firstIndex(of: UInt8(ascii: "\n"))!
+        let line = buffer[buffer.startIndex..<end]
+        buffer = Data(buffer[buffer.index(after: end)...])
+        return try JSONDecoder().decode(Benchmark.CeilingLine.self, from: line)
+    }
+
+    func close() {
+        try? input.fileHandleForWriting.close()
+        process.waitUntilExit()
     }
 }
