@@ -144,6 +144,15 @@ import Testing
         try await Task.sleep(for: .seconds(4))
     }
 
+    /// `--workers 2` (or the admin API's workers) for an embedded model names what was asked.
+    @Test func severalWorkersAskedForAnEmbeddedModelIsRefused() async throws {
+        let dir = try Fixtures.model(["handler.py": "def predict(items):\n    return items\n", "sidecar.yaml": "executor: embedded\n"])
+        let error = await #expect(throws: SidecarError.self) {
+            try await withModel(at: dir.path, workers: 2, options: Fixtures.hostOptions, logger: Fixtures.logger) { _ in }
+        }
+        #expect(error?.message.contains("cannot have the 2 workers asked for") == true)
+    }
+
     @Test func importErrorNamesFileAndLine() async throws {
         let dir = try Fixtures.model(["handler.py": "x = 1\nraise RuntimeError('bad import')\ndef predict(items):\n    return items\n"])
         let error = await #expect(throws: SidecarError.self) {

@@ -132,6 +132,11 @@ public final class ModelHost: Service, Sendable {
                 bundle.configuration.autoscaling = nil
             }
         }
+        if let workers, workers != 1, bundle.configuration.executor == .embedded {
+            throw SidecarError(
+                .invalidConfiguration,
+                "model '\(bundle.configuration.name)' runs embedded (executor: embedded), in one thread of the server, so it cannot have the \(workers) workers asked for; ask for 1, or run it with executor: process")
+        }
         try bundle.configuration.checkExecutor(file: bundle.directory.appendingPathComponent("sidecar.yaml").path)
         let modelName = bundle.configuration.name
         let id: Int = try state.withLock { state in
