@@ -8,6 +8,8 @@ missing=()
 /usr/bin/python3.11 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3.11-venv python3-venv)
 [ -e /usr/lib/x86_64-linux-gnu/libpython3.11.so ] || dpkg -s libpython3.11-dev >/dev/null 2>&1 || missing+=(libpython3.11-dev)
 command -v /usr/bin/python3.11 >/dev/null || missing+=(python3.11)
+# The build finds libpython's headers through pkg-config (the CPython system-library target).
+command -v pkg-config >/dev/null || missing+=(pkgconf)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}" >&2
