@@ -62,10 +62,11 @@ def test_status_table_and_json(admin):
     table = cli(admin, "status")
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.strip().splitlines()
-    assert header.split()[:4] == ["MODEL", "STATE", "WORKERS", "QUEUE"], table.stdout
-    assert any(row.split()[:3] == ["echo", "ready", "2/2"] for row in rows), table.stdout
+    assert header.split()[:5] == ["MODEL", "STATE", "EXECUTOR", "WORKERS", "QUEUE"], table.stdout
+    assert any(row.split()[:4] == ["echo", "ready", "process", "2/2"] for row in rows), table.stdout
     echo = status(admin)["echo"]
     assert echo["state"] == "ready" and echo["workers_ready"] == 2 and echo["reason"] is None
+    assert echo["executor"] == "process" and echo["executor_note"] is None
     assert all(w["pid"] and w["state"] in ("ready", "busy") for w in echo["workers"])
 
 

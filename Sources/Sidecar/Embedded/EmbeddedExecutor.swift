@@ -173,6 +173,7 @@ final class EmbeddedExecutor: Executor {
         } catch {
             let failure = error as? SidecarError ?? SidecarError(.environmentFailed, "\(error)")
             readiness.resolve(.failure(failure))
+            thread.finish()
             return
         }
         record?.loading()
