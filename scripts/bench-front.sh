@@ -10,6 +10,7 @@
 # server also gets one connection alone (wrk -c1): the idle request's latency.
 #
 #   scripts/bench-front.sh            # DUR=10 seconds per load by default
+#   SIDECAR_BIN=/other/sidecar RUNS="sidecar" scripts/bench-front.sh   # another build, some runs only
 #
 # Needs wrk and h2load (Debian: wrk, nghttp2-client) and installs them if missing.
 set -euo pipefail
@@ -20,7 +21,9 @@ HTTP_PORT=${HTTP_PORT:-18100}
 GRPC_PORT=${GRPC_PORT:-18101}
 
 command -v wrk >/dev/null && command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk nghttp2-client >/dev/null; }
-swift build -c release --product sidecar >/dev/null
+bin=${SIDECAR_BIN:-}
+[ -n "$bin" ] || { swift build -c release --product sidecar >/dev/null; bin=.build/release/sidecar; }
+runs=${RUNS:-limit front-alone embedded sidecar front-alone limit}
 venv="$root/.build/e2e-venv"
 [ -x "$venv/bin/python" ] || /usr/bin/python3.11 -m venv "$venv"
 "$venv/bin/python" -c "import tritonclient.grpc, numpy" 2>/dev/null || "$venv/bin/pip" install -q "tritonclient[grpc]" numpy
@@ -42,7 +45,7 @@ cpu_per_request() { # server-ticks-before workers-ticks-before requests
 # `sidecar serve` arguments.
 measure() {
   local label=$1 model=$2; shift 2
-  .build/release/sidecar serve "$model" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning "$@" >"$work/server.log" 2>&1 &
+  "$bin" serve "$model" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --no-admin --log-level warning "$@" >"$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
   curl -sf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" || { echo "server not ready"; cat "$work/server.log"; exit 1; }
@@ -93,11 +96,14 @@ echo "executor: embedded" >> "$work/echo-embedded/sidecar.yaml"
 
 echo "Sidecar front benchmark — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, echo model, ${D}s per load"
 echo "targets: HTTP ≥ 24000 req/s with p99 ≤ 5 ms; gRPC ≥ 30000 req/s; embedded HTTP ≥ 0.8 × hummingbird-echo, idle p50 within 0.2 ms of front-alone"
-limit
-# Every item answered in Swift (--benchmark-echo): the front and the batcher alone, no Python. The
-# ceiling the Python lines sit under on this machine, today; measured first and last.
-measure front-alone Examples/echo --workers 2 --benchmark-echo
-measure embedded "$work/echo-embedded"
-measure sidecar Examples/echo --workers 2
-measure front-alone Examples/echo --workers 2 --benchmark-echo
-limit
+# Every item answered in Swift (--benchmark-echo, front-alone): the front and the batcher alone,
+# no Python. The ceiling the Python lines sit under on this machine, today; measured first and last.
+for run in $runs; do
+  case $run in
+    limit) limit ;;
+    front-alone) measure front-alone Examples/echo --workers 2 --benchmark-echo ;;
+    embedded) measure embedded "$work/echo-embedded" ;;
+    sidecar) measure sidecar Examples/echo --workers 2 ;;
+    *) echo "unknown run '$run' (limit, front-alone, embedded, sidecar)"; exit 2 ;;
+  esac
+done
