@@ -206,12 +206,19 @@ import Testing
 @Suite struct EmbeddedRulesTests {
     @Test func crashRecordIsLockedAndRemembersTheBatch() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-crumbs-\(UUID().uuidString.prefix(8))")
-        let (first, none) = try CrashRecord.open(directory: directory, model: "a")
+        var (first, none) = try CrashRecord.open(directory: directory, model: "a")
         #expect(none == nil)
         first?.running(batch: 9, items: 2)
         let (second, _) = try CrashRecord.open(directory: directory, model: "a")
         #expect(first != nil && second == nil)  // held by the first
         withExtendedLifetime(first) {}
+        first = nil  // released mid-batch, as a crash leaves it
+        var (third, crash) = try CrashRecord.open(directory: directory, model: "a")
+        #expect(crash?.batch == 9 && crash?.items == 2 && crash?.pid == getpid())
+        third?.clear()
+        third = nil
+        let (fourth, cleared) = try CrashRecord.open(directory: directory, model: "a")
+        #expect(fourth != nil && cleared == nil)
     }
 
     @Test func admissionRefusesAnotherEnvironmentAndAClashingModule() throws {

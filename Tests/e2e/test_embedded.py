@@ -1,8 +1,9 @@
 """The embedded executor end to end (`executor: embedded`: the handler runs in the server's own CPython
 interpreter, one thread per model): real `sidecar serve` processes, real sockets, stock clients.
 
-- Same answers: embedded echo and embedded iris (models/embedded_echo, models/embedded_iris: the
-  handler.py of Examples/echo and Examples/iris, `executor: embedded`) answer what Examples/echo and
+- Same answers: embedded echo and embedded iris (models/embedded_echo, models/embedded_iris: a
+  sidecar.yaml with `executor: embedded` beside the handler.py of Examples/echo and Examples/iris,
+  copied in at test time) answer what Examples/echo and
   Examples/iris answer with process workers, over tritonclient.http (binary and JSON tensors),
   tritonclient.grpc and KServe v1 JSON (curl, urllib); /status says "embedded" and names the
   server's own pid as the worker's; what the handler logs while loading is in the server log at
@@ -210,6 +211,18 @@ def assert_process_workers(srv: Served, name: str) -> dict:
     return status
 
 
+def embedded_example(example: str, into: Path) -> Path:
+    """models/embedded_<example> holds only a sidecar.yaml (executor: embedded); the handler and its
+    requirements are Examples/<example>'s own, copied here, so the two cannot drift apart."""
+    target = into / f"embedded_{example}"
+    shutil.copytree(MODELS / f"embedded_{example}", target)
+    for name in ("handler.py", "requirements.txt"):
+        source = REPO / "Examples" / example / name
+        if source.exists():
+            shutil.copy(source, target / name)
+    return target
+
+
 def copy_model(source: Path, into: Path, name: str) -> Path:
     target = into / name
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
@@ -229,8 +242,8 @@ def servers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embedded-same")
     started = {
         "process": launch([REPO / "Examples" / "echo", REPO / "Examples" / "iris"], tmp, "process.log"),
-        "echo": launch([MODELS / "embedded_echo"], tmp, "embedded-echo.log"),
-        "iris": launch([MODELS / "embedded_iris"], tmp, "embedded-iris.log"),
+        "echo": launch([embedded_example("echo", tmp)], tmp, "embedded-echo.log"),
+        "iris": launch([embedded_example("iris", tmp)], tmp, "embedded-iris.log"),
     }
     try:
         wait_ready(*started.values())
@@ -525,7 +538,7 @@ def test_fault_log_survives_another_embedded_server_on_the_same_cache(tmp_path):
         wait_ready(crashing)
         assert_embedded(crashing, name)
         assert fault_logs[0].is_file(), f"{fault_logs[0]} missing while its server runs"
-        neighbour = launch([MODELS / "embedded_echo"], tmp_path, "neighbour.log")
+        neighbour = launch([embedded_example("echo", tmp_path)], tmp_path, "neighbour.log")
         running.append(neighbour)
         fault_logs.append(EMBEDDED_DIR / f"faults-{neighbour.pid}.log")
         wait_ready(neighbour)

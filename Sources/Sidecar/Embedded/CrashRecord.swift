@@ -11,14 +11,14 @@ import Foundation
 /// batch can leave its mark.
 final class CrashRecord: @unchecked Sendable {
     /// A record a dead server left: the model was loading or running a batch when it died.
-    public struct Crash: Sendable, Equatable {
-        public var pid: Int32
+    struct Crash: Sendable, Equatable {
+        var pid: Int32
         /// Nil when it died while loading the handler.
-        public var batch: UInt64?
-        public var items: Int
-        public var since: Date
+        var batch: UInt64?
+        var items: Int
+        var since: Date
         /// The tail of `faulthandler`'s report (the Python stacks), when there is one.
-        public var faultLog: String?
+        var faultLog: String?
 
         var summary: String {
             let when = ISO8601DateFormatter().string(from: since)

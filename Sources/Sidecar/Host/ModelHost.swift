@@ -162,8 +162,9 @@ public final class ModelHost: Service, Sendable {
         if bundle.configuration.executor == .embedded, !options.benchmarkEcho {
             let (record, crash) = try CrashRecord.open(directory: embeddedDirectory, model: modelName)
             if let crash, !forgetEmbeddedCrash {
-                executorNote = "\(crash.summary); it runs with process workers until it is reloaded (sidecar reload \(modelName))"
-                modelLogger.error("\(executorNote!)", metadata: crash.faultLog.map { ["fault_log": "\($0)"] } ?? [:])
+                let note = "\(crash.summary); it runs with process workers until it is reloaded (sidecar reload \(modelName))"
+                modelLogger.error("\(note)", metadata: crash.faultLog.map { ["fault_log": "\($0)"] } ?? [:])
+                executorNote = note
                 bundle.configuration.executor = .process
             } else {
                 if crash != nil { record?.clear() }

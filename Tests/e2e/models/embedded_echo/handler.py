@@ -1,5 +1,0 @@
-"""Echo: returns every item unchanged. The smallest handler, and the benchmark's workload."""
-
-
-def predict(batch):
-    return batch
