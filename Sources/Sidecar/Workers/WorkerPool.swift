@@ -1,4 +1,3 @@
-import DequeModule
 import Foundation
 import Logging
 import Metrics
@@ -38,8 +37,8 @@ final class WorkerPool: Executor {
         var draining: [Int: [LockedBox<WorkerStatus>]] = [:]
         var readySlots = Set<Int>()
         var initialSize: Int
-        /// Recent failures that count toward the breaker.
-        var failures: Deque<ContinuousClock.Instant> = []
+        /// Failures that count toward the crash-loop breaker.
+        var breaker: CrashLoopBreaker
         /// Set once the breaker tripped.
         var failure: SidecarError?
     }
@@ -64,7 +63,7 @@ final class WorkerPool: Executor {
         self.policy = policy
         self.autoscaling = autoscaling
         self.autoscalerStatus = autoscaling.map { LockedBox(AutoscalerStatus(min: $0.min, max: $0.max)) }
-        self.state = Mutex(State(initialSize: size))
+        self.state = Mutex(State(initialSize: size, breaker: CrashLoopBreaker(policy)))
         (newSlots, newSlotSink) = AsyncStream.makeStream()
         for slot in 0..<size { addSlot(slot) }
     }
@@ -198,20 +197,9 @@ final class WorkerPool: Executor {
         let (added, leaving): ([Int], [(Int, AsyncStream<SlotEvent>.Continuation)]) = try state.withLock { state in
             if let failure = state.failure { throw failure }
             guard !state.stopping else { throw SidecarError(.unavailable, "model '\(spec.model)' is stopping") }
-            let current = state.statuses.keys.sorted()
-            if target > current.count {
-                var added: [Int] = []
-                var next = 0
-                while current.count + added.count < target {
-                    if state.statuses[next] == nil, !added.contains(next) { added.append(next) }
-                    next += 1
-                }
-                for slot in added { state.statuses[slot] = LockedBox(WorkerStatus(index: slot)) }
-                return (added, [])
-            }
-            // The highest slots leave, so worker indexes stay 0..<n.
-            let leaving = current.suffix(current.count - target).compactMap { slot in state.slots[slot].map { (slot, $0) } }
-            return ([], leaving)
+            let plan = ResizePlan(slots: Set(state.statuses.keys), target: target)
+            for slot in plan.added { state.statuses[slot] = LockedBox(WorkerStatus(index: slot)) }
+            return (plan.added, plan.retired.compactMap { slot in state.slots[slot].map { (slot, $0) } })
         }
         for slot in added { newSlotSink.yield(slot) }
         for (_, sink) in leaving { sink.yield(.policy(.retire)) }
@@ -268,10 +256,7 @@ final class WorkerPool: Executor {
     private func recordFailure(slot: Int, exit: WorkerExit) {
         let now = ContinuousClock.now
         let tripped: Bool = state.withLock { state in
-            guard state.failure == nil else { return false }
-            state.failures.append(now)
-            while let first = state.failures.first, now - first > policy.window { state.failures.removeFirst() }
-            return state.failures.count >= policy.maxFailures
+            state.failure == nil && state.breaker.record(at: now)
         }
         guard tripped else { return }
         let last = exit.loadError.map { "the handler failed to load: \($0.type): \($0.message)" } ?? exit.reason
