@@ -56,6 +56,15 @@ struct ServeCommand: AsyncParsableCommand {
     @Flag(name: .long, help: "Benchmarking only: answer every item with itself in Swift, starting no Python workers (measures the front alone).")
     var benchmarkEcho = false
 
+    @Option(name: .long, help: "A model repository to serve and follow: a directory, or an http(s) base URL (a web server, or another node's http://HOST:PORT/repository/).")
+    var repository: String?
+
+    @Option(name: .long, help: "Seconds between checks of the repository's manifest (default 10).")
+    var pollInterval: Double?
+
+    @Option(name: .long, help: "Bundles kept on disk per model beyond those loaded, for fast rollbacks (default 3).")
+    var keepVersions: Int?
+
     @OptionGroup var hostArguments: HostArguments
 
     func validate() throws {
@@ -69,6 +78,10 @@ struct ServeCommand: AsyncParsableCommand {
         try check(adminPort, "admin-port", ServerConfiguration.Limits.port)
         try check(maxBodyBytes, "max-body-bytes", ServerConfiguration.Limits.bodyBytes)
         try check(maxGrpcMessageBytes, "max-grpc-message-bytes", ServerConfiguration.Limits.grpcMessageBytes)
+        try check(keepVersions, "keep-versions", 0...1000)
+        if let pollInterval, !(pollInterval >= 0.1 && pollInterval <= 86_400) {
+            throw ValidationError("--poll-interval must be from 0.1 to 86400 seconds, got \(pollInterval)")
+        }
     }
 
     func run() async throws {
@@ -89,14 +102,19 @@ struct ServeCommand: AsyncParsableCommand {
         if let adminHost { configuration.adminHost = adminHost }
         if let adminPort { configuration.adminPort = adminPort }
         if noAdmin { configuration.adminPort = nil }
+        if let repository {
+            configuration.repository = ServerConfiguration.resolveRepository(repository, base: URL(fileURLWithPath: FileManager.default.currentDirectoryPath))
+        }
+        if let pollInterval { configuration.repositoryPollInterval = .milliseconds(Int64(pollInterval * 1000)) }
+        if let keepVersions { configuration.keepVersions = keepVersions }
         if let adminTokenFile {
             do { configuration.adminToken = try readAdminToken(file: adminTokenFile) } catch { throw reportFailure(error) }
         }
         if configuration.adminToken == nil, let token = ProcessInfo.processInfo.environment["SIDECAR_ADMIN_TOKEN"], !token.isEmpty {
             configuration.adminToken = token
         }
-        guard !configuration.models.isEmpty || configuration.adminPort != nil else {
-            throw ValidationError("give at least one model directory (or models: in --config), or keep the admin API on to load models later")
+        guard !configuration.models.isEmpty || configuration.adminPort != nil || configuration.repository != nil else {
+            throw ValidationError("give at least one model directory (or models: in --config), a --repository, or keep the admin API on to load models later")
         }
         // A bad directory fails in one line, with exit code 2, before anything starts.
         for directory in configuration.models {

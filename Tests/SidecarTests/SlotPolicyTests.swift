@@ -127,8 +127,24 @@ import Testing
     @Test func stoppingRestartsNothingAndFinishesWithTheLastWorker() {
         var slot = policy()
         _ = slot.handle(.begin, pool: serving)
-        #expect(slot.handle(.stop, pool: stopping) == [])
+        _ = slot.handle(.ready(generation: 0), pool: serving)
+        #expect(slot.handle(.stop, pool: stopping) == [], "a ready worker drains the closed queue, then exits")
         #expect(slot.handle(.exited(generation: 0, exit()), pool: stopping) == [.show(generation: nil), .finish])
+    }
+
+    @Test func stoppingRetiresWorkersStillLoadingAtOnce() {
+        var slot = policy()
+        _ = slot.handle(.begin, pool: serving)
+        _ = slot.handle(.ready(generation: 0), pool: serving)
+        _ = slot.handle(.recycle(generation: 0, reason: "rss"), pool: serving)
+        // Worker 1, the successor, is loading: the stop does not wait for its load.
+        #expect(slot.handle(.stop, pool: stopping) == [.retireWorker(generation: 1)])
+        #expect(slot.handle(.exited(generation: 1, exit(ready: false, retired: true)), pool: stopping) == [])
+        #expect(slot.handle(.exited(generation: 0, exit()), pool: stopping) == [.show(generation: nil), .finish])
+
+        var loading = policy()
+        _ = loading.handle(.begin, pool: starting)
+        #expect(loading.handle(.stop, pool: stopping) == [.retireWorker(generation: 0)])
     }
 
     @Test func eventsOfUnknownWorkersAreIgnored() {

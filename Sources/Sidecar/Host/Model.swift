@@ -12,6 +12,9 @@ import Foundation
 /// Concurrent callers share batches: the batcher groups whatever is queued when a worker is free.
 public final class Model: Sendable {
     public let name: String
+    /// The repository version this is (nil for a model loaded from a directory, which serves
+    /// version "1" to the protocols).
+    public let version: String?
     public let bundle: ModelBundle
     public let environment: PythonEnvironment
     let batcher: Batcher
@@ -28,9 +31,11 @@ public final class Model: Sendable {
 
     init(
         bundle: ModelBundle, environment: PythonEnvironment, batcher: Batcher, executor: any Executor, requestedWorkers: Int?,
-        requestedExecutor: ModelConfiguration.ExecutorKind? = nil, executorNote: String? = nil, started: Bool = true
+        requestedExecutor: ModelConfiguration.ExecutorKind? = nil, executorNote: String? = nil, started: Bool = true,
+        version: String? = nil
     ) {
         self.name = bundle.configuration.name
+        self.version = version
         self.bundle = bundle
         self.environment = environment
         self.batcher = batcher
@@ -42,6 +47,9 @@ public final class Model: Sendable {
     }
 
     public var configuration: ModelConfiguration { bundle.configuration }
+
+    /// The version the protocols report (`model_version`).
+    public var servedVersion: String { version ?? "1" }
 
     /// Where the handler runs: `configuration.executor`, which is `process` for a model whose
     /// embedded executor crashed the server (``executorNote`` says so).

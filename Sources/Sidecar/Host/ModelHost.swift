@@ -36,11 +36,28 @@ public final class ModelHost: Service, Sendable {
     let socketRoot: URL
 
     private struct State {
+        /// Each name and the model it serves now (for a name loaded from a repository, the
+        /// version with the largest share).
         var models: [String: Model] = [:]
+        /// The names loaded from a repository: every version loaded, and how traffic is split.
+        var versions: [String: Versions] = [:]
+        /// Keys (``ModelHost/key(_:_:)``) of the loads under way.
         var loading: Set<String> = []
         var nextModelID = 0
         var shuttingDown = false
+        /// By key: ends when that model's executor has stopped.
         var finished: [String: AsyncStream<Void>] = [:]
+    }
+
+    private struct Versions {
+        var loaded: [String: Model] = [:]
+        var split = TrafficSplit([])
+    }
+
+    /// One loaded model's key: its name, or `name@version` for a repository version ('@' is not
+    /// allowed in names, so the two never collide).
+    static func key(_ name: String, _ version: String?) -> String {
+        version.map { "\(name)@\($0)" } ?? name
     }
 
     private let state = Mutex(State())
@@ -91,8 +108,76 @@ public final class ModelHost: Service, Sendable {
     /// Names of the loaded models.
     public var modelNames: [String] { state.withLock { $0.models.keys.sorted() } }
 
-    /// The loaded model called `name`.
+    /// The loaded model called `name` (for a name with several versions, the one with the largest share).
     public func model(named name: String) -> Model? { state.withLock { $0.models[name] } }
+
+    /// The model that answers a request for `name`: `version` if the request names one, else a
+    /// version picked by the name's traffic split (by `routingKey`, a request id, when there is
+    /// one, so that the same id reaches the same version). Throws `notFound` naming what is loaded.
+    public func resolve(_ name: String, version: String? = nil, routingKey: String? = nil) throws -> Model {
+        let version = version.flatMap { $0.isEmpty ? nil : $0 }
+        let found: Model? = try state.withLock { state in
+            if let versions = state.versions[name] {
+                guard let version else {
+                    return versions.split.pick(key: routingKey).flatMap { versions.loaded[$0] } ?? state.models[name]
+                }
+                guard let model = versions.loaded[version] else {
+                    throw SidecarError(
+                        .notFound, "model '\(name)' has no version '\(version)' loaded; loaded versions: \(versions.loaded.keys.sorted().joined(separator: ", "))")
+                }
+                return model
+            }
+            guard let model = state.models[name] else { return nil }
+            if let version, version != "1" {
+                throw SidecarError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1")
+            }
+            return model
+        }
+        guard let found else { throw noModel(named: name) }
+        return found
+    }
+
+    /// Every loaded model, each version of a name on its own, by name then version.
+    public var loadedModels: [Model] {
+        state.withLock { state in
+            state.models.keys.sorted().flatMap { name -> [Model] in
+                guard let versions = state.versions[name] else { return state.models[name].map { [$0] } ?? [] }
+                return versions.loaded.keys.sorted { $0.localizedStandardCompare($1) == .orderedAscending }.compactMap { versions.loaded[$0] }
+            }
+        }
+    }
+
+    /// The versions of `name` that are loaded and how its traffic is split (nil: not a repository name).
+    public func versions(of name: String) -> (loaded: [String], split: TrafficSplit)? {
+        state.withLock { state in
+            state.versions[name].map { ($0.loaded.keys.sorted { $0.localizedStandardCompare($1) == .orderedAscending }, $0.split) }
+        }
+    }
+
+    /// The versions metadata lists for `model`'s name: every loaded version, or "1".
+    public func versionNames(of model: Model) -> [String] {
+        versions(of: model.name)?.loaded ?? [model.servedVersion]
+    }
+
+    /// Points `name` at its loaded versions with `split`'s shares, at once: requests resolved from
+    /// now on reach the new split; the previous version keeps answering what it was given.
+    public func route(_ name: String, _ split: TrafficSplit) throws {
+        try state.withLock { state in
+            guard var versions = state.versions[name] else {
+                throw SidecarError(.notFound, "no repository model named '\(name)' is loaded")
+            }
+            let missing = split.shares.map(\.version).filter { versions.loaded[$0] == nil }
+            guard missing.isEmpty else {
+                throw SidecarError(.notFound, "model '\(name)' cannot serve version(s) \(missing.joined(separator: ", ")): not loaded")
+            }
+            guard let primary = split.primary, let model = versions.loaded[primary] else {
+                throw SidecarError(.invalidInput, "model '\(name)': a traffic split needs a version with a positive weight")
+            }
+            versions.split = split
+            state.versions[name] = versions
+            state.models[name] = model
+        }
+    }
 
     /// Loads the model directory at `path`: checks it, builds or reuses its environment, runs its
     /// `init.sh`, starts its workers and returns once all of them are ready.
@@ -102,13 +187,22 @@ public final class ModelHost: Service, Sendable {
     ///   - executor: overrides `executor` from `sidecar.yaml`.
     @discardableResult
     public func load(_ path: String, workers: Int? = nil, name: String? = nil, executor: ModelConfiguration.ExecutorKind? = nil) async throws -> Model {
-        try await load(path, workers: workers, name: name, executor: executor, forgetEmbeddedCrash: false)
+        try await load(path, workers: workers, name: name, executor: executor, version: nil, forgetEmbeddedCrash: false)
+    }
+
+    /// Loads `version` of the repository model `name` from `path`, beside the versions already
+    /// loaded. It serves nothing until ``route(_:_:)`` gives it a share: a new version is switched
+    /// to only once it is ready.
+    @discardableResult
+    public func load(_ path: String, name: String, version: String, workers: Int? = nil) async throws -> Model {
+        try await load(path, workers: workers, name: name, executor: nil, version: version, forgetEmbeddedCrash: false)
     }
 
     /// `forgetEmbeddedCrash`: an operator asked for the model again (a reload), so a crash its
     /// embedded executor caused no longer sends it to process workers.
     private func load(
-        _ path: String, workers: Int?, name: String?, executor: ModelConfiguration.ExecutorKind?, forgetEmbeddedCrash: Bool
+        _ path: String, workers: Int?, name: String?, executor: ModelConfiguration.ExecutorKind?, version: String?,
+        forgetEmbeddedCrash: Bool
     ) async throws -> Model {
         var bundle = try ModelBundle(directory: path)
         if let name {
@@ -139,19 +233,30 @@ public final class ModelHost: Service, Sendable {
         }
         try bundle.configuration.checkExecutor(file: bundle.directory.appendingPathComponent("sidecar.yaml").path)
         let modelName = bundle.configuration.name
+        let key = Self.key(modelName, version)
         let id: Int = try state.withLock { state in
             guard !state.shuttingDown else { throw SidecarError(.unavailable, "the host is shutting down") }
-            guard state.models[modelName] == nil, !state.loading.contains(modelName) else {
-                throw SidecarError(.conflict, "a model named '\(modelName)' is already loaded; unload it first or give this one another name")
+            if let version {
+                guard state.versions[modelName] != nil || (state.models[modelName] == nil && !state.loading.contains(modelName)) else {
+                    throw SidecarError(.conflict, "a model named '\(modelName)' is already loaded from a directory; unload it before serving that name from a repository")
+                }
+                guard state.versions[modelName]?.loaded[version] == nil, !state.loading.contains(key) else {
+                    throw SidecarError(.conflict, "version '\(version)' of model '\(modelName)' is already loaded")
+                }
+            } else {
+                guard state.models[modelName] == nil, state.versions[modelName] == nil, !state.loading.contains(modelName) else {
+                    throw SidecarError(.conflict, "a model named '\(modelName)' is already loaded; unload it first or give this one another name")
+                }
             }
-            state.loading.insert(modelName)
+            state.loading.insert(key)
             state.nextModelID += 1
             return state.nextModelID
         }
-        defer { state.withLock { _ = $0.loading.remove(modelName) } }
+        defer { state.withLock { _ = $0.loading.remove(key) } }
 
         var modelLogger = logger
         modelLogger[metadataKey: "model"] = "\(modelName)"
+        if let version { modelLogger[metadataKey: "version"] = "\(version)" }
         try await EntryPointCheck.verify(bundle, interpreter: try InterpreterLocator.resolve(bundle.configuration.python.interpreter))
         let environment = try await EnvironmentBuilder(options: options.environment, logger: modelLogger).prepare(bundle)
 
@@ -203,10 +308,10 @@ public final class ModelHost: Service, Sendable {
         }
         let model = Model(
             bundle: bundle, environment: environment, batcher: batcher, executor: pool, requestedWorkers: workers,
-            requestedExecutor: executor, executorNote: executorNote)
+            requestedExecutor: executor, executorNote: executorNote, version: version)
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
-        state.withLock { $0.finished[modelName] = finished }
+        state.withLock { $0.finished[key] = finished }
         modelLogger.info(config.executor == .embedded ? "starting the embedded executor" : "starting \(config.workers) worker(s)")
         startSink.yield {
             await pool.run()
@@ -217,21 +322,61 @@ public final class ModelHost: Service, Sendable {
         } catch {
             pool.stop()
             for await _ in finished {}
-            state.withLock { _ = $0.finished.removeValue(forKey: modelName) }
+            state.withLock { _ = $0.finished.removeValue(forKey: key) }
             throw error
         }
-        state.withLock { $0.models[modelName] = model }
+        state.withLock { state in
+            if let version {
+                state.versions[modelName, default: Versions()].loaded[version] = model
+            } else {
+                state.models[modelName] = model
+            }
+        }
         modelLogger.info("model ready", metadata: ["workers": "\(config.workers)", "environment": "\(environment.directory.path)"])
         return model
     }
 
-    /// Stops taking requests for `name`, lets queued and in-flight items finish, stops its workers,
-    /// then runs its `cleanup.sh`.
+    /// Stops taking requests for `name` (every version of it), lets queued and in-flight items
+    /// finish, stops its workers, then runs its `cleanup.sh`.
     public func unload(_ name: String) async throws {
-        let (model, finished) = state.withLock { state in
-            (state.models.removeValue(forKey: name), state.finished.removeValue(forKey: name))
+        let stopping: [(Model, AsyncStream<Void>?)] = state.withLock { state in
+            let primary = state.models.removeValue(forKey: name)
+            let versions = state.versions.removeValue(forKey: name)
+            let models = versions.map { Array($0.loaded.values) } ?? primary.map { [$0] } ?? []
+            return models.map { ($0, state.finished.removeValue(forKey: Self.key(name, $0.version))) }
         }
-        guard let model else { throw noModel(named: name) }
+        guard !stopping.isEmpty else { throw noModel(named: name) }
+        await withDiscardingTaskGroup { group in
+            for (model, finished) in stopping {
+                group.addTask { await self.stop(model, finished: finished) }
+            }
+        }
+    }
+
+    /// Unloads one version of a repository model; the version must have no share of its traffic
+    /// (route the name away from it first).
+    public func unload(_ name: String, version: String) async throws {
+        let (model, finished): (Model, AsyncStream<Void>?) = try state.withLock { state in
+            guard var versions = state.versions[name], let model = versions.loaded[version] else {
+                throw SidecarError(.notFound, "model '\(name)' has no version '\(version)' loaded")
+            }
+            guard !versions.split.shares.contains(where: { $0.version == version }) else {
+                throw SidecarError(.conflict, "version '\(version)' of model '\(name)' still serves; route its traffic elsewhere first")
+            }
+            versions.loaded[version] = nil
+            if versions.loaded.isEmpty {
+                state.versions[name] = nil
+                state.models[name] = nil
+            } else {
+                state.versions[name] = versions
+            }
+            return (model, state.finished.removeValue(forKey: Self.key(name, version)))
+        }
+        await stop(model, finished: finished)
+    }
+
+    private func stop(_ model: Model, finished: AsyncStream<Void>?) async {
+        let name = model.name
         model.executor.stop()
         if let finished { for await _ in finished {} }
         if model.started, let cleanup = model.bundle.cleanupScript {
@@ -245,7 +390,7 @@ public final class ModelHost: Service, Sendable {
                 modelLogger.error("\(cleanup.path) failed (\(outcome.status))")
             }
         }
-        logger.info("model unloaded", metadata: ["model": "\(name)"])
+        logger.info("model unloaded", metadata: ["model": "\(name)", "version": "\(model.servedVersion)"])
     }
 
     /// Unloads `name` and loads it again from the same directory with what it was loaded with (a
@@ -256,11 +401,16 @@ public final class ModelHost: Service, Sendable {
     @discardableResult
     public func reload(_ name: String) async throws -> Model {
         guard let model = model(named: name) else { throw noModel(named: name) }
+        if model.version != nil {
+            throw SidecarError(
+                .conflict,
+                "model '\(name)' is served from the model repository: publish a new version (sidecar publish) or point it back (sidecar rollback), and every node follows")
+        }
         try await unload(name)
         do {
             return try await load(
                 model.bundle.directory.path, workers: model.requestedWorkers, name: name, executor: model.requestedExecutor,
-                forgetEmbeddedCrash: true)
+                version: nil, forgetEmbeddedCrash: true)
         } catch {
             // Refused as a FAILED model is (503 / UNAVAILABLE), with the load error as the reason.
             let cause = error as? SidecarError

@@ -80,6 +80,8 @@ struct SlotPolicy {
     }
 
     private(set) var alive: Set<Int> = []
+    /// Alive workers that have been ready (the others are still loading their handler).
+    private(set) var served: Set<Int> = []
     private(set) var current: Int?
     private(set) var incoming: Int?
     private(set) var leaving = false
@@ -131,6 +133,8 @@ struct SlotPolicy {
             return [start, .show(generation: generation)]
 
         case .ready(let generation):
+            guard alive.contains(generation) else { return [] }
+            served.insert(generation)
             if generation == incoming, let old = current {
                 // The successor is ready: only now does the old worker stop taking batches.
                 current = generation
@@ -148,6 +152,7 @@ struct SlotPolicy {
 
         case .exited(let generation, let exit):
             guard alive.remove(generation) != nil else { return [] }
+            served.remove(generation)
             return exited(generation, exit, pool: pool)
 
         case .restart:
@@ -163,7 +168,10 @@ struct SlotPolicy {
             return alive.sorted().map { .retireWorker(generation: $0) }
 
         case .stop:
-            return []
+            // Ready workers drain what is queued and exit once the closed queue is empty; a worker
+            // still loading its handler has nothing to finish and would hold the stop up for as
+            // long as its load takes (up to startup_s): it leaves at once.
+            return alive.subtracting(served).sorted().map { .retireWorker(generation: $0) }
         }
     }
 

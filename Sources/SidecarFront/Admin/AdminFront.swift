@@ -19,6 +19,8 @@ struct AdminFront: Sendable {
     let token: String?
     /// Where uploaded bundles are unpacked, one fresh directory per upload.
     let bundleDirectory: URL
+    /// With `serve --repository`: `POST /admin/v1/repository/sync` syncs now.
+    var repository: RepositorySync? = nil
     let bundleLimits: BundleArchive.Limits
 
     static let sha256Header = HTTPField.Name("Sidecar-Bundle-Sha256")!
@@ -47,6 +49,12 @@ struct AdminFront: Sendable {
         }
         models.put("{model}/workers") { request, context in try await scale(request, context) }
         router.post("admin/v1/bundles") { request, _ in try await upload(request) }
+        router.post("admin/v1/repository/sync") { _, _ in
+            guard let repository else {
+                throw FrontError(.notFound, "this server has no model repository (start it with --repository DIR-OR-URL)")
+            }
+            return json(await repository.syncNow())
+        }
         return router
     }
 

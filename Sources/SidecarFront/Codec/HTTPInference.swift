@@ -170,7 +170,7 @@ enum HTTPInference {
 
     /// The response body, and the JSON header's length when binary outputs follow it. The JSON is
     /// written directly: it is small and fixed in shape, and Codable was a third of the request path.
-    static func encode(_ outputs: [Tensor], for request: Decoded, model: String) throws -> (body: Data, headerLength: Int?) {
+    static func encode(_ outputs: [Tensor], for request: Decoded, model: String, version: String = "1") throws -> (body: Data, headerLength: Int?) {
         var selected: [(Tensor, Bool)] = []
         if let requested = request.requested {
             for (name, binary) in requested {
@@ -187,7 +187,8 @@ enum HTTPInference {
         var json = JSONWriter()
         json.raw(#"{"model_name":"#)
         json.string(model)
-        json.raw(#","model_version":"1""#)
+        json.raw(#","model_version":"#)
+        json.string(version)
         if let id = request.id {
             json.raw(#","id":"#)
             json.string(id)

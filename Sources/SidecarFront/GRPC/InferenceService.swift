@@ -40,7 +40,7 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         }
         return .with {
             $0.name = model.name
-            $0.versions = ["1"]
+            $0.versions = host.versionNames(of: model)
             $0.platform = "sidecar_python"
             $0.inputs = describe(model.configuration.inputs)
             $0.outputs = describe(model.configuration.outputs)
@@ -133,14 +133,12 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         }
     }
 
-    private func model(_ name: String, version: String) throws -> Model {
-        guard let model = host.model(named: name) else {
-            throw FrontError.from(host.noModel(named: name)).rpcError
+    private func model(_ name: String, version: String, routingKey: String? = nil) throws -> Model {
+        do {
+            return try host.resolve(name, version: version, routingKey: routingKey.flatMap { $0.isEmpty ? nil : $0 })
+        } catch {
+            throw FrontError.from(error).rpcError
         }
-        guard version.isEmpty || version == "1" else {
-            throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1").rpcError
-        }
-        return model
     }
 
     private func infer(
@@ -152,7 +150,7 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
             guard size <= maxMessageBytes else {
                 throw FrontError(.tooLarge, "the request's tensors hold \(size) bytes, over the limit of \(maxMessageBytes) (--max-grpc-message-bytes)")
             }
-            let model = try model(request.modelName, version: request.modelVersion)
+            let model = try model(request.modelName, version: request.modelVersion, routingKey: request.id)
             let inputs = try GRPCTensors.inputs(of: request)
             let outputs = try await model.infer(inputs, deadline: deadline)
             var selected = outputs
@@ -167,7 +165,7 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
             metrics.record(model: request.modelName, protocol: "grpc", since: start, error: nil)
             return .with {
                 $0.modelName = model.name
-                $0.modelVersion = "1"
+                $0.modelVersion = model.servedVersion
                 $0.id = request.id
                 $0.outputs = selected.map { tensor in
                     .with { $0.name = tensor.name; $0.datatype = tensor.datatype.rawValue; $0.shape = tensor.shape.map(Int64.init) }

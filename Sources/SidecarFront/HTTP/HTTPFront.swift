@@ -14,6 +14,9 @@ struct HTTPFront: Sendable {
     let metrics: FrontMetrics
     /// The largest request body accepted; larger ones are answered 413.
     let maxBodyBytes: Int
+    /// With `serve --repository`: this node's repository sync, whose manifest and bundles it serves
+    /// read-only at `/repository/`, so other nodes can fetch from it.
+    var repository: RepositorySync? = nil
 
     static let inferenceHeaderLength = HTTPField.Name("Inference-Header-Content-Length")!
 
@@ -34,13 +37,33 @@ struct HTTPFront: Sendable {
         router.post("v2/models/{model}/infer") { request, context in try await infer(request, context) }
         router.post("v2/models/{model}/versions/{version}/infer") { request, context in try await infer(request, context) }
         router.post("v1/models/{spec}") { request, context in try await predictV1(request, context) }
-        router.get("status") { _, _ in json(StatusReport.host(host)) }
+        router.get("status") { _, _ in json(StatusReport.host(host, repository: repository)) }
         router.get("status/{model}") { _, context in
             let name = try context.parameters.require("model")
             guard let model = host.model(named: name) else {
                 throw FrontError.from(host.noModel(named: name))
             }
-            return json(StatusReport.model(model))
+            return json(StatusReport.model(model, host: host))
+        }
+        if let repository {
+            router.get("repository/manifest.json") { _, _ in
+                guard let data = repository.manifestData else {
+                    throw FrontError(.unavailable, "this node has not read its repository's manifest yet")
+                }
+                var headers = HTTPFields()
+                headers[.contentType] = "application/json"
+                return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
+            }
+            router.get("repository/bundles/{file}") { _, context in
+                let file = try context.parameters.require("file")
+                guard file.hasSuffix(".tar.gz"), let archive = repository.store.archive(String(file.dropLast(".tar.gz".count))) else {
+                    throw FrontError(.notFound, "this node has no bundle '\(file.prefix(80))'")
+                }
+                let data = try Data(contentsOf: archive)
+                var headers = HTTPFields()
+                headers[.contentType] = "application/gzip"
+                return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
+            }
         }
         router.get("metrics") { _, _ in
             var headers = HTTPFields()
@@ -70,15 +93,13 @@ struct HTTPFront: Sendable {
         var outputs: [TensorMetadata]
     }
 
-    private func model(_ context: BasicRequestContext) throws -> Model {
+    private func model(_ context: BasicRequestContext, routingKey: String? = nil) throws -> Model {
         let name = try context.parameters.require("model")
-        guard let model = host.model(named: name) else {
-            throw FrontError.from(host.noModel(named: name))
+        do {
+            return try host.resolve(name, version: context.parameters.get("version"), routingKey: routingKey)
+        } catch {
+            throw FrontError.from(error)
         }
-        if let version = context.parameters.get("version"), version != "1" {
-            throw FrontError(.notFound, "model '\(name)' has no version '\(version)'; it serves version 1")
-        }
-        return model
     }
 
     private func metadata(_ context: BasicRequestContext) throws -> Response {
@@ -87,7 +108,7 @@ struct HTTPFront: Sendable {
             specs.map { .init(name: $0.name, datatype: $0.datatype.rawValue, shape: $0.shape) }
         }
         return json(ModelMetadata(
-            name: model.name, versions: ["1"], platform: "sidecar_python",
+            name: model.name, versions: host.versionNames(of: model), platform: "sidecar_python",
             inputs: describe(model.configuration.inputs), outputs: describe(model.configuration.outputs)))
     }
 
@@ -111,13 +132,15 @@ struct HTTPFront: Sendable {
         let start = ContinuousClock.now
         let name = context.parameters.get("model") ?? "?"
         do {
-            let model = try model(context)
+            // The name is checked before the body is read; the version is picked after, by the request's id.
+            _ = try model(context)
             let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
+            let model = try model(context, routingKey: decoded.id)
             let deadline = Deadlines.deadline(
                 from: start, decoded.timeout, try Deadlines.timeout(header: request.headers[Deadlines.header]))
             let outputs = try await model.infer(decoded.inputs, deadline: deadline)
-            let (payload, jsonLength) = try HTTPInference.encode(outputs, for: decoded, model: model.name)
+            let (payload, jsonLength) = try HTTPInference.encode(outputs, for: decoded, model: model.name, version: model.servedVersion)
             var headers = HTTPFields()
             if let jsonLength {
                 headers[.contentType] = "application/octet-stream"
@@ -143,9 +166,7 @@ struct HTTPFront: Sendable {
         }
         let name = String(spec.dropLast(":predict".count))
         do {
-            guard let model = host.model(named: name) else {
-                throw FrontError.from(host.noModel(named: name))
-            }
+            let model = try host.resolve(name)
             let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
             let out = try KServeV1.response(try await model.predict(batch: items, deadline: deadline))

@@ -22,6 +22,11 @@ extension ExplicitNull: Sendable where Value: Sendable {}
 struct StatusReport: Encodable {
     struct ModelStatus: Encodable {
         var name: String
+        /// The version ("1" for a model loaded from a directory).
+        var version: String
+        /// Its share of the name's traffic (a repository version; nil for a directory model, which
+        /// has all of it; 0 for a version loaded but not, or no longer, serving).
+        @ExplicitNull var weight: Int?
         /// loading, ready or failed.
         var state: String
         /// Why the model is FAILED (the last exit reason and the Python error), else nil.
@@ -36,7 +41,7 @@ struct StatusReport: Encodable {
         var workers: [Worker]
 
         enum CodingKeys: String, CodingKey {
-            case name, state, reason, detail, queued, executor, executorNote = "executor_note", workers
+            case name, version, weight, state, reason, detail, queued, executor, executorNote = "executor_note", workers
         }
     }
 
@@ -60,15 +65,20 @@ struct StatusReport: Encodable {
     }
 
     var models: [ModelStatus]
+    /// With a repository (`serve --repository`): what this node synced, and why anything is missing.
+    @ExplicitNull var repository: RepositoryStatus?
 
-    static func model(_ model: Model) -> ModelStatus {
+    static func model(_ model: Model, host: ModelHost? = nil) -> ModelStatus {
         let (state, reason, detail): (String, String?, String?) = switch model.state {
         case .loading: ("loading", nil, nil)
         case .ready: ("ready", nil, nil)
         case .failed(let error): ("failed", error.message, error.detail)
         }
+        let weight = model.version.flatMap { version in
+            host?.versions(of: model.name).map { $0.split.shares.first { $0.version == version }?.weight ?? 0 }
+        }
         return ModelStatus(
-            name: model.name, state: state, reason: reason, detail: detail, queued: model.queuedItems,
+            name: model.name, version: model.servedVersion, weight: weight, state: state, reason: reason, detail: detail, queued: model.queuedItems,
             executor: model.executorKind.rawValue, executorNote: model.executorNote,
             workers: model.workers.map { w in
                 Worker(
@@ -78,7 +88,7 @@ struct StatusReport: Encodable {
             })
     }
 
-    static func host(_ host: ModelHost) -> StatusReport {
-        StatusReport(models: host.modelNames.compactMap { host.model(named: $0) }.map(model))
+    static func host(_ host: ModelHost, repository: RepositorySync? = nil) -> StatusReport {
+        StatusReport(models: host.loadedModels.map { model($0, host: host) }, repository: repository?.status)
     }
 }

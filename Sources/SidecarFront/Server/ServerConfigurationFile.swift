@@ -25,7 +25,7 @@ public enum ServerConfigurationFile {
         guard let mapping = root.mapping else { throw SidecarError(.invalidConfiguration, "\(path): the top level must be a mapping of keys") }
         let keys = [
             "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
-            "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes",
+            "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes", "repository",
         ]
         func fail(_ key: String, _ expected: String) -> SidecarError {
             SidecarError(.invalidConfiguration, "\(path): '\(key)' must be \(expected)")
@@ -69,6 +69,33 @@ public enum ServerConfigurationFile {
                 guard let dir = v.string, !dir.isEmpty else { throw fail(key, "a directory path") }
                 configuration.bundleDirectory = URL(fileURLWithPath: dir.hasPrefix("/") ? dir : base.appendingPathComponent(dir).path)
             case "bundle_max_bytes": configuration.bundleMaxBytes = try int(v, key, ServerConfiguration.Limits.bodyBytes)
+            case "repository":
+                // `repository: DIR-OR-URL`, or a mapping with `source`, `poll_interval_s`, `keep_versions`.
+                if let source = v.string {
+                    configuration.repository = ServerConfiguration.resolveRepository(source, base: base)
+                } else if let settings = v.mapping {
+                    let subkeys = ["source", "poll_interval_s", "keep_versions"]
+                    for (sk, sv) in settings {
+                        guard let subkey = sk.string, subkeys.contains(subkey) else {
+                            throw SidecarError(.invalidConfiguration, "\(path): unknown key 'repository.\(sk.string ?? "?")'; expected one of: \(subkeys.joined(separator: ", "))")
+                        }
+                        switch subkey {
+                        case "source":
+                            guard let source = sv.string, !source.isEmpty else { throw fail("repository.source", "a directory or an http(s) URL") }
+                            configuration.repository = ServerConfiguration.resolveRepository(source, base: base)
+                        case "poll_interval_s":
+                            guard let seconds = sv.float, let interval = Duration.clampedTimeout(seconds, microsecondsPerUnit: 1_000_000), seconds >= 0.1 else {
+                                throw fail("repository.poll_interval_s", "a number of seconds, at least 0.1")
+                            }
+                            configuration.repositoryPollInterval = interval
+                        default:
+                            configuration.keepVersions = try int(sv, "repository.keep_versions", 0...1000)
+                        }
+                    }
+                    guard configuration.repository != nil else { throw fail("repository.source", "set (a directory or an http(s) URL)") }
+                } else {
+                    throw fail(key, "a directory, an http(s) URL, or a mapping with source, poll_interval_s, keep_versions")
+                }
             default: pipArgs = try strings(v, key)
             }
         }

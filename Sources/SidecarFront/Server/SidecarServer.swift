@@ -34,6 +34,18 @@ public struct ServerConfiguration: Sendable {
     public var bundleDirectory: URL?
     /// Largest uploaded bundle, compressed (default 256 MiB).
     public var bundleMaxBytes = 256 << 20
+    /// The model repository this node serves (a directory or an http(s) base URL); nil: none.
+    public var repository: String?
+    /// How often the repository's manifest is checked (a stat or a conditional GET).
+    public var repositoryPollInterval: Duration = .seconds(10)
+    /// Bundles kept on disk per model beyond those loaded (its most recent versions, for rollback).
+    public var keepVersions = 3
+
+    /// A relative repository directory is relative to the configuration file; a URL stays as it is.
+    public static func resolveRepository(_ source: String, base: URL) -> String {
+        if source.hasPrefix("http://") || source.hasPrefix("https://") || source.hasPrefix("/") { return source }
+        return base.appendingPathComponent(source).path
+    }
 
     /// What each number may be, for the configuration file and the command line alike.
     public enum Limits {
@@ -70,11 +82,19 @@ public func runServer(
     }
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
     let metrics = FrontMetrics.shared()
-    let readiness = ServerReadiness(host: host)
+    let sync = configuration.repository.map { source in
+        RepositorySync(
+            source: repositorySource(source), host: host,
+            store: BundleStore(
+                root: configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("repository"),
+                limits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes)),
+            pollInterval: configuration.repositoryPollInterval, keep: configuration.keepVersions, logger: logger)
+    }
+    let readiness = ServerReadiness(host: host, repository: sync)
     let ports = PortReport(expectAdmin: configuration.adminPort != nil, onListening)
 
     let http = Application(
-        router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes).router(),
+        router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync).router(),
         configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar"),
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
@@ -95,10 +115,11 @@ public func runServer(
         .init(service: GRPCServerService(server: grpc, ports: ports)),
         .init(service: http),
     ]
+    if let sync { services.append(.init(service: sync)) }
     if let adminPort = configuration.adminPort {
         let bundles = configuration.bundleDirectory ?? configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("bundles")
         let admin = AdminFront(
-            host: host, token: configuration.adminToken, bundleDirectory: bundles,
+            host: host, token: configuration.adminToken, bundleDirectory: bundles, repository: sync,
             bundleLimits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
         services.append(.init(service: Application(
             router: admin.router(),
@@ -135,20 +156,24 @@ struct ModelLoader: Service {
 }
 
 /// The server is ready once the models it was started with have loaded and each has a ready worker
-/// (so a Kubernetes readiness probe does not send traffic to a server still building environments).
+/// (so a Kubernetes readiness probe does not send traffic to a server still building environments),
+/// and, with a repository, once it has loaded what the manifest asks for.
 final class ServerReadiness: Sendable {
     let host: ModelHost
+    let repository: RepositorySync?
     private let loaded = Mutex(false)
 
-    init(host: ModelHost, loaded: Bool = false) {
+    init(host: ModelHost, loaded: Bool = false, repository: RepositorySync? = nil) {
         self.host = host
+        self.repository = repository
         self.loaded.withLock { $0 = loaded }
     }
 
     func markLoaded() { loaded.withLock { $0 = true } }
 
     var isReady: Bool {
-        loaded.withLock { $0 } && host.modelNames.allSatisfy { host.model(named: $0)?.isReady == true }
+        loaded.withLock { $0 } && repository?.isCaughtUp != false
+            && host.modelNames.allSatisfy { host.model(named: $0)?.isReady == true }
     }
 }
 
