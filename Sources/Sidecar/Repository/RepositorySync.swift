@@ -72,6 +72,9 @@ public final class RepositorySync: Service, Sendable {
         var waiting: [CheckedContinuation<RepositoryStatus, Never>] = []
         /// The bundle each loaded version came from.
         var bundles: [String: [String: String]] = [:]
+        /// Versions that failed to fetch, check, build or load (by `name@version`): not tried again
+        /// before `retryAt`, so a bad bundle is not downloaded on every poll.
+        var failed: [String: (failures: Int, retryAt: ContinuousClock.Instant, reason: String)] = [:]
     }
 
     private let state: LockedBox<State>
@@ -103,11 +106,16 @@ public final class RepositorySync: Service, Sendable {
     /// The manifest as last read, byte for byte (what this node serves at `/repository/manifest.json`).
     public var manifestData: Data? { state.withLock { $0.manifestData } }
 
-    /// Runs a pass now (after the one under way, if any) and returns the status after it.
+    /// Runs a pass now (after the one under way, if any), retrying failed versions at once, and
+    /// returns the status after it.
     public func syncNow() async -> RepositoryStatus {
         await withCheckedContinuation { continuation in
-            state.withLock { $0.waiting.append(continuation) }
-            state.withLock { $0.retry = true }
+            state.withLock { state in
+                state.waiting.append(continuation)
+                // Asked by an operator: try everything again now, failed versions included.
+                state.retry = true
+                state.failed.removeAll()
+            }
             trigger.yield()
         }
     }
@@ -241,6 +249,11 @@ public final class RepositorySync: Service, Sendable {
                 }
                 continue
             }
+            let key = ModelHost.key(name, version.version)
+            if let failed = state.withLock({ $0.failed[key] }), ContinuousClock.now < failed.retryAt {
+                failures.append(failed.reason)
+                continue
+            }
             do {
                 let directory = try await store.directory(for: version.bundle, from: source, logger: logger) { bytes in
                     self.state.withLock { $0.status.bytesFetched += bytes }
@@ -248,10 +261,19 @@ public final class RepositorySync: Service, Sendable {
                 }
                 logger.info("loading version \(version.version) of '\(name)' (bundle \(version.bundle.prefix(12))…)")
                 try await host.load(directory.path, name: name, version: version.version, workers: entry.workers)
-                state.withLock { $0.bundles[name, default: [:]][version.version] = version.bundle }
+                state.withLock { state in
+                    state.bundles[name, default: [:]][version.version] = version.bundle
+                    state.failed[key] = nil
+                }
             } catch {
-                let reason = (error as? SidecarError)?.message ?? "\(error)"
-                failures.append("version \(version.version) (bundle \(version.bundle.prefix(12))…): \(reason)")
+                let reason = "version \(version.version) (bundle \(version.bundle.prefix(12))…): \((error as? SidecarError)?.message ?? "\(error)")"
+                failures.append(reason)
+                state.withLock { state in
+                    // Tried again after the poll interval, doubling per failure up to 5 minutes.
+                    let count = (state.failed[key]?.failures ?? 0) + 1
+                    let wait = min(Duration.seconds(300), pollInterval * (1 << min(count - 1, 10)))
+                    state.failed[key] = (count, ContinuousClock.now + wait, reason)
+                }
                 Counter(label: "sidecar_repository_failures_total", dimensions: [("model", name)]).increment()
             }
         }
