@@ -159,7 +159,9 @@ public final class RepositorySync: Service, Sendable {
         do {
             switch try await source.manifest(ifChangedFrom: previous == nil ? nil : tag) {
             case .unchanged:
-                guard retry, let previous else {
+                // Unchanged and nothing left undone: nothing to do, unless the host drifted from it
+                // (an operator unloaded a repository model through the admin API).
+                guard retry || previous.map(drifted) == true, let previous else {
                     state.withLock { $0.status.lastSync = RepositoryStatus.now(); $0.status.lastError = nil }
                     return
                 }
@@ -197,6 +199,14 @@ public final class RepositorySync: Service, Sendable {
         }
         Counter(label: "sidecar_repository_syncs_total", dimensions: [("result", complete ? "complete" : "incomplete")]).increment()
         Gauge(label: "sidecar_repository_revision").record(Double(manifest.revision))
+    }
+
+    /// The host serves something other than what `manifest` asks for.
+    private func drifted(from manifest: RepositoryManifest) -> Bool {
+        manifest.models.contains { name, entry in
+            let desired = entry.versions.map { TrafficSplit.Share(version: $0.version, weight: $0.weight, label: $0.label) }
+            return host.versions(of: name)?.split.shares != desired
+        }
     }
 
     /// Brings the host to `manifest`; true when every model serves exactly what it asks for.
