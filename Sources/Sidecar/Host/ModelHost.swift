@@ -159,6 +159,25 @@ public final class ModelHost: Service, Sendable {
         versions(of: model.name)?.loaded ?? [model.servedVersion]
     }
 
+    /// Serves `version` of `name` from `path`: loaded beside what serves (reused if already loaded),
+    /// given all of the name's traffic once ready, then the other versions drain for `drain` and are
+    /// unloaded. A push deploy (`sidecar deploy`) to a node does this; a repository node does the
+    /// same through its sync.
+    @discardableResult
+    public func rollOut(_ path: String, name: String, version: String, workers: Int? = nil, drain: Duration = .seconds(2)) async throws -> Model {
+        let model: Model
+        if versions(of: name)?.loaded.contains(version) == true {
+            model = try resolve(name, version: version)
+        } else {
+            model = try await load(path, name: name, version: version, workers: workers)
+        }
+        try route(name, TrafficSplit([.init(version: version, weight: 100, label: "stable")]))
+        let old = (versions(of: name)?.loaded ?? []).filter { $0 != version }
+        if !old.isEmpty { try? await Task.sleep(for: drain) }
+        for previous in old { try? await unload(name, version: previous) }
+        return model
+    }
+
     /// Points `name` at its loaded versions with `split`'s shares, at once: requests resolved from
     /// now on reach the new split; the previous version keeps answering what it was given.
     public func route(_ name: String, _ split: TrafficSplit) throws {

@@ -24,6 +24,12 @@ public struct BundleStore: Sendable {
         return FileManager.default.fileExists(atPath: url.path) ? url : nil
     }
 
+    /// The model directory of bundle `sha256`, if this node has it.
+    public func directory(for sha256: String) -> URL? {
+        guard RepositoryManifest.isSHA256(sha256) else { return nil }
+        return Self.modelDirectory(in: unpackedURL(sha256))
+    }
+
     /// The model directory of bundle `sha256`, fetched from `source` if this node lacks it:
     /// retried with backoff, checked (hash, sizes, every entry) before anything is written.
     /// `fetched` gets the bytes moved.
@@ -57,6 +63,18 @@ public struct BundleStore: Sendable {
             }
         }
         guard let data else { throw SidecarError(.unavailable, "bundle \(sha256) was not fetched") }
+        return try await install(data, sha256: sha256)
+    }
+
+    /// Checks `data` against `sha256` and every rule of ``BundleArchive/unpack(_:sha256:into:limits:)``,
+    /// then keeps it (archive and unpacked directory). Returns the model directory.
+    public func install(_ data: Data, sha256: String) async throws -> URL {
+        guard RepositoryManifest.isSHA256(sha256) else {
+            throw SidecarError(.invalidInput, "a bundle is named by its SHA-256 (64 lowercase hex digits), got '\(sha256.prefix(80))'")
+        }
+        if let found = directory(for: sha256) { return found }
+        try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
+        let unpacked = unpackedURL(sha256)
         let staging = root.appendingPathComponent(".staging-\(sha256.prefix(12))-\(UInt64.random(in: 0...UInt64.max))")
         defer { try? FileManager.default.removeItem(at: staging) }
         _ = try await BundleArchive.unpack(data, sha256: sha256, into: staging, limits: limits)

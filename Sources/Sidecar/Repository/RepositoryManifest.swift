@@ -101,7 +101,7 @@ public struct RepositoryManifest: Codable, Sendable, Equatable {
         }
     }
 
-    static func isSHA256(_ text: String) -> Bool {
+    public static func isSHA256(_ text: String) -> Bool {
         text.utf8.count == 64 && text.utf8.allSatisfy { (48...57).contains($0) || (97...102).contains($0) }
     }
 

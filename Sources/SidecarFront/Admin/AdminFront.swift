@@ -21,6 +21,8 @@ struct AdminFront: Sendable {
     let bundleDirectory: URL
     /// With `serve --repository`: `POST /admin/v1/repository/sync` syncs now.
     var repository: RepositorySync? = nil
+    /// Bundles by sha256 (shared with the repository sync): what `sidecar deploy` pushes.
+    var store: BundleStore? = nil
     let bundleLimits: BundleArchive.Limits
 
     static let sha256Header = HTTPField.Name("Sidecar-Bundle-Sha256")!
@@ -49,6 +51,15 @@ struct AdminFront: Sendable {
         }
         models.put("{model}/workers") { request, context in try await scale(request, context) }
         router.post("admin/v1/bundles") { request, _ in try await upload(request) }
+        router.get("admin/v1/bundles/{sha256}") { _, context in
+            let sha256 = try context.parameters.require("sha256")
+            guard store?.directory(for: sha256) != nil else {
+                throw FrontError(.notFound, "this node has no bundle \(sha256.prefix(80))")
+            }
+            return json(["sha256": sha256])
+        }
+        router.put("admin/v1/bundles/{sha256}") { request, context in try await store(request, context) }
+        router.post("admin/v1/deployments") { request, _ in try await deploy(request) }
         router.post("admin/v1/repository/sync") { _, _ in
             guard let repository else {
                 throw FrontError(.notFound, "this server has no model repository (start it with --repository DIR-OR-URL)")
@@ -118,6 +129,43 @@ struct AdminFront: Sendable {
         }
     }
 
+    /// `PUT /admin/v1/bundles/{sha256}` with a tar.gz body: checked like an upload, then kept by
+    /// sha256 for deployments (`sidecar deploy` sends it only to nodes that lack it).
+    private func store(_ request: Request, _ context: BasicRequestContext) async throws -> Response {
+        guard let store else { throw FrontError(.notFound, "this server keeps no bundles") }
+        let sha256 = try context.parameters.require("sha256").lowercased()
+        let data: Data
+        do {
+            data = Data(buffer: try await request.body.collect(upTo: bundleLimits.maxCompressedBytes))
+        } catch is NIOTooManyBytesError {
+            throw FrontError(.tooLarge, "the bundle is over the limit of \(bundleLimits.maxCompressedBytes) bytes (bundle_max_bytes)")
+        }
+        do {
+            _ = try await store.install(data, sha256: sha256)
+        } catch {
+            throw FrontError.from(error)
+        }
+        return json(["sha256": sha256], status: .created)
+    }
+
+    /// `POST /admin/v1/deployments {"name": "iris", "bundle": SHA256, "version": "3", "workers": 2}`:
+    /// serves a stored bundle as `name`, loaded beside what serves and switched to once ready (the
+    /// old version drains); answers when it serves.
+    private func deploy(_ request: Request) async throws -> Response {
+        guard let store else { throw FrontError(.notFound, "this server keeps no bundles") }
+        let body = try AdminDeployRequest.decode(try await body(request, what: "deployment"))
+        guard let directory = store.directory(for: body.bundle) else {
+            throw FrontError(.notFound, "this node has no bundle \(body.bundle.prefix(80)); PUT it to /admin/v1/bundles/SHA256 first")
+        }
+        do {
+            let model = try await host.rollOut(
+                directory.path, name: body.name, version: body.version ?? String(body.bundle.prefix(12)), workers: body.workers)
+            return json(AdminModel(model))
+        } catch {
+            throw FrontError.from(error)
+        }
+    }
+
     /// `PUT /admin/v1/models/{m}/workers {"workers": 3, "timeout_s": 120, "wait": true}`. With
     /// `"wait": false` it answers 202 at once and the change goes on in the background (watch it with
     /// `GET /admin/v1/models/{m}`).
@@ -170,6 +218,33 @@ struct AdminLoadRequest: Decodable {
         }
         if let name = request.name, !ModelConfiguration.isValidName(name) {
             throw FrontError(.invalidArgument, "name must be letters, digits, '-', '_' or '.' (at most 200), got '\(name.prefix(200))'")
+        }
+        return request
+    }
+}
+
+/// `POST /admin/v1/deployments`.
+struct AdminDeployRequest: Decodable {
+    var name: String
+    var bundle: String
+    /// Default: the bundle's first 12 hex digits, the same on every node.
+    var version: String?
+    var workers: Int?
+
+    static func decode(_ body: Data) throws -> AdminDeployRequest {
+        var request: AdminDeployRequest = try decodeAdminBody(body, what: "deployment")
+        request.bundle = request.bundle.lowercased()
+        guard ModelConfiguration.isValidName(request.name) else {
+            throw FrontError(.invalidArgument, "name must be letters, digits, '-', '_' or '.' (at most 200), got '\(request.name.prefix(200))'")
+        }
+        guard RepositoryManifest.isSHA256(request.bundle) else {
+            throw FrontError(.invalidArgument, "bundle must be the bundle's SHA-256 (64 hex digits), got '\(request.bundle.prefix(80))'")
+        }
+        if let version = request.version, !ModelConfiguration.isValidName(version) {
+            throw FrontError(.invalidArgument, "version must be letters, digits, '-', '_' or '.', got '\(version.prefix(80))'")
+        }
+        if let workers = request.workers, !ModelConfiguration.workerRange.contains(workers) {
+            throw FrontError(.invalidArgument, "workers must be from 1 to 256, got \(workers)")
         }
         return request
     }

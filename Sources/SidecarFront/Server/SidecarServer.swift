@@ -82,12 +82,13 @@ public func runServer(
     }
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
     let metrics = FrontMetrics.shared()
+    // Bundles by sha256: fetched from the repository, or pushed by `sidecar deploy`.
+    let store = BundleStore(
+        root: configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("repository"),
+        limits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
     let sync = configuration.repository.map { source in
         RepositorySync(
-            source: repositorySource(source), host: host,
-            store: BundleStore(
-                root: configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("repository"),
-                limits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes)),
+            source: repositorySource(source), host: host, store: store,
             pollInterval: configuration.repositoryPollInterval, keep: configuration.keepVersions, logger: logger)
     }
     let readiness = ServerReadiness(host: host, repository: sync)
@@ -119,7 +120,7 @@ public func runServer(
     if let adminPort = configuration.adminPort {
         let bundles = configuration.bundleDirectory ?? configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("bundles")
         let admin = AdminFront(
-            host: host, token: configuration.adminToken, bundleDirectory: bundles, repository: sync,
+            host: host, token: configuration.adminToken, bundleDirectory: bundles, repository: sync, store: store,
             bundleLimits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
         services.append(.init(service: Application(
             router: admin.router(),
