@@ -124,6 +124,44 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: store.unpackedURL(sha).path))
     }
 
+    @Test func aVersionThatChangesOnlyTheHandlerMovesOnlyTheHandler() async throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-repo-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let weights = String((0..<200_000).map { _ in "0123456789abcdef".randomElement()! })
+        let v1 = try Fixtures.model(["handler.py": "def predict(batch):\n    return batch\n", "weights/w.bin": weights], name: "m")
+        let v2 = try Fixtures.model(["handler.py": "def predict(batch):\n    return batch  # v2\n", "weights/w.bin": weights], name: "m")
+        let publisher = RepositoryPublisher(root: root)
+        let source = DirectoryRepository(root: root)
+        let store = BundleStore(root: root.appendingPathComponent("node"))
+        var moved: [Int] = []
+        for directory in [v1, v2] {
+            let (manifest, sha) = try await publisher.publish(directory: directory) { try $0.publish(name: "m", bundle: $1) }
+            let version = try #require(manifest.models["m"]?.versions.first)
+            #expect(version.files != nil, "a directory of plain files gets a file index")
+            var bytes = 0
+            let unpacked = try await store.directory(for: sha!, files: version.files, from: source, logger: Fixtures.logger) { bytes += $0 }
+            moved.append(bytes)
+            #expect(try String(contentsOf: unpacked.appendingPathComponent("weights/w.bin"), encoding: .utf8) == weights)
+        }
+        #expect(moved[0] > 200_000)
+        #expect(moved[1] < 2_000, "version 2 moved \(moved[1]) bytes: the handler and the index, not the weights")
+        // Old bundles go, and with them the files no kept bundle lists.
+        let (_, sha2) = try await publisher.publish(directory: v2) { try $0.publish(name: "m", bundle: $1) }
+        store.collect(keeping: [sha2!], logger: Fixtures.logger)
+        let files = try FileManager.default.contentsOfDirectory(atPath: store.filesURL.path)
+        #expect(files.count == 2, "v2's handler and the weights: \(files)")
+    }
+
+    @Test func aFileIndexThatLeavesTheBundleIsRefused() throws {
+        let sha = String(repeating: "d", count: 64)
+        for path in ["../x", "/etc/passwd", "a/../../b", "a//b", "."] {
+            let index = #"{"format": 1, "entries": [{"path": "\#(path)", "kind": "file", "sha256": "\#(sha)", "size": 1}]}"#
+            #expect(throws: SidecarError.self, "\(path)") { try BundleIndex.decode(Data(index.utf8), limits: .init()) }
+        }
+        let huge = #"{"format": 1, "entries": [{"path": "w", "kind": "file", "sha256": "\#(sha)", "size": 9223372036854775807}, {"path": "v", "kind": "file", "sha256": "\#(sha)", "size": 9223372036854775807}]}"#
+        #expect(throws: SidecarError.self) { try BundleIndex.decode(Data(huge.utf8), limits: .init()) }
+    }
+
     // MARK: A real host
 
     @Test func aRolloutSwitchesOnlyOnceTheNewVersionIsReadyAndABadBundleLeavesItServing() async throws {
@@ -152,6 +190,9 @@ import Testing
             let (_, sha3) = try await publisher.publish(directory: v3) { try $0.publish(name: "m", bundle: $1) }
             let file = root.appendingPathComponent("bundles/\(sha3!).tar.gz")
             try Data(try Data(contentsOf: file).prefix(40)).write(to: file)  // truncated
+            // ... and so is its handler in files/, which a node fetches first.
+            let handler = BundleArchive.sha256Hex(of: try Data(contentsOf: v3.appendingPathComponent("handler.py")))
+            try Data("def predict(batch):\n    return [666 for _ in batch]\n".utf8).write(to: root.appendingPathComponent("files/\(handler)"))
             await sync.pass()
             #expect(try await host.resolve("m").predict(Fixtures.json("0")) == Fixtures.json("2"))
             let error = sync.status.models["m"]?.error ?? ""

@@ -24,6 +24,27 @@ public struct BundleStore: Sendable {
         return FileManager.default.fileExists(atPath: url.path) ? url : nil
     }
 
+    /// A file this node serves to others under `/repository/`: `bundles/<sha>.tar.gz`,
+    /// `bundles/<sha>.files.json` or `files/<sha>` (nothing else: names are checked, never joined blindly).
+    public func served(_ path: String) -> URL? {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 2 else { return nil }
+        let url: URL
+        switch parts[0] {
+        case "bundles" where parts[1].hasSuffix(".tar.gz") && RepositoryManifest.isSHA256(String(parts[1].dropLast(7))):
+            url = root.appendingPathComponent(parts[1])
+        case "bundles" where parts[1].hasSuffix(".files.json") && RepositoryManifest.isSHA256(String(parts[1].dropLast(11))):
+            url = root.appendingPathComponent(parts[1])
+        case "files" where RepositoryManifest.isSHA256(parts[1]):
+            url = filesURL.appendingPathComponent(parts[1])
+        default:
+            return nil
+        }
+        return FileManager.default.fileExists(atPath: url.path) ? url : nil
+    }
+
+    var filesURL: URL { root.appendingPathComponent("files") }
+
     /// The model directory of bundle `sha256`, if this node has it.
     public func directory(for sha256: String) -> URL? {
         guard RepositoryManifest.isSHA256(sha256) else { return nil }
@@ -33,37 +54,110 @@ public struct BundleStore: Sendable {
     /// The model directory of bundle `sha256`, fetched from `source` if this node lacks it:
     /// retried with backoff, checked (hash, sizes, every entry) before anything is written.
     /// `fetched` gets the bytes moved.
+    ///
+    /// With `files` (the SHA-256 of the bundle's file index, from the manifest), it fetches the
+    /// index and only the files this node lacks; if that fails it falls back to the `.tar.gz`.
     func directory(
-        for sha256: String, from source: any RepositorySource, attempts: Int = 4, logger: Logger,
+        for sha256: String, files: String? = nil, from source: any RepositorySource, attempts: Int = 4, logger: Logger,
         fetched: (Int) -> Void = { _ in }
     ) async throws -> URL {
         let unpacked = unpackedURL(sha256)
         if let found = Self.modelDirectory(in: unpacked) { return found }
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
-        var delay = Duration.milliseconds(500)
-        var data: Data?
-        for attempt in 1...attempts {
+        if let files {
             do {
-                let bytes = try await source.bundle(sha256: sha256, limit: limits.maxCompressedBytes)
+                return try await assemble(sha256, index: files, from: source, attempts: attempts, logger: logger, fetched: fetched)
+            } catch {
+                logger.warning("fetching bundle \(sha256.prefix(12))… file by file failed (\((error as? SidecarError)?.message ?? "\(error)")); fetching its .tar.gz")
+            }
+        }
+        let data = try await fetchVerified(
+            "bundles/\(sha256).tar.gz", sha256: sha256, what: "bundle \(sha256.prefix(12))…", limit: limits.maxCompressedBytes,
+            from: source, attempts: attempts, logger: logger, fetched: fetched)
+        return try await install(data, sha256: sha256)
+    }
+
+    /// `path` from `source`, checked against `sha256`: a truncated or corrupted download is retried
+    /// like a failed one, with backoff.
+    private func fetchVerified(
+        _ path: String, sha256: String, what: String, limit: Int, from source: any RepositorySource, attempts: Int, logger: Logger,
+        fetched: (Int) -> Void
+    ) async throws -> Data {
+        var delay = Duration.milliseconds(500)
+        for attempt in 1...max(1, attempts) {
+            do {
+                let bytes = try await source.fetch(path, limit: limit)
                 fetched(bytes.count)
-                // A truncated or corrupted download is retried like a failed one; a bundle that
-                // arrives intact but wrong is refused below by unpack's checks.
-                guard BundleArchive.sha256Hex(of: bytes) == sha256 else {
+                let actual = BundleArchive.sha256Hex(of: bytes)
+                guard actual == sha256 else {
                     throw SidecarError(
                         .invalidInput,
-                        "bundle \(sha256.prefix(12))… from \(source.description) has SHA-256 \(BundleArchive.sha256Hex(of: bytes).prefix(12))… (\(bytes.count) bytes): corrupted or truncated")
+                        "\(what) from \(source.description) has SHA-256 \(actual.prefix(12))… (\(bytes.count) bytes): corrupted or truncated")
                 }
-                data = bytes
-                break
+                return bytes
             } catch {
-                if attempt == attempts || Task.isCancelled { throw error }
-                logger.warning("fetching bundle \(sha256.prefix(12))… failed (attempt \(attempt) of \(attempts)): \(error); retrying in \(delay)")
+                if attempt >= attempts || Task.isCancelled { throw error }
+                logger.warning("fetching \(what) failed (attempt \(attempt) of \(attempts)): \(error); retrying in \(delay)")
                 try await Task.sleep(for: delay)
                 delay *= 2
             }
         }
-        guard let data else { throw SidecarError(.unavailable, "bundle \(sha256) was not fetched") }
-        return try await install(data, sha256: sha256)
+        throw SidecarError(.unavailable, "\(what) was not fetched")
+    }
+
+    /// The bundle made from its file index: each file this node lacks is fetched into `files/`
+    /// (checked against its hash), then the model directory is built in a fresh staging directory
+    /// (files hard-linked from `files/`, read-only, so a handler cannot change a cached file) and
+    /// renamed into place.
+    private func assemble(
+        _ sha256: String, index indexSHA: String, from source: any RepositorySource, attempts: Int, logger: Logger,
+        fetched: (Int) -> Void
+    ) async throws -> URL {
+        let indexData = try await fetchVerified(
+            "bundles/\(sha256).files.json", sha256: indexSHA, what: "the file index of bundle \(sha256.prefix(12))…", limit: 64 << 20,
+            from: source, attempts: attempts, logger: logger, fetched: fetched)
+        let index = try BundleIndex.decode(indexData, limits: limits)
+        try FileManager.default.createDirectory(at: filesURL, withIntermediateDirectories: true)
+        for entry in index.entries where entry.kind != .directory {
+            guard let fileSHA = entry.sha256, let size = entry.size else { continue }
+            let cached = filesURL.appendingPathComponent(fileSHA)
+            // A file in the cache was checked when it was stored (and is read-only).
+            if (try? FileManager.default.attributesOfItem(atPath: cached.path)[.size] as? Int) == size { continue }
+            let data = try await fetchVerified(
+                "files/\(fileSHA)", sha256: fileSHA, what: "file '\(entry.path)' of bundle \(sha256.prefix(12))…", limit: size,
+                from: source, attempts: attempts, logger: logger, fetched: fetched)
+            try RepositoryPublisher.writeAtomically(data, to: cached)
+            chmod(cached.path, 0o444)
+        }
+        let staging = root.appendingPathComponent(".staging-\(sha256.prefix(12))-\(UInt64.random(in: 0...UInt64.max))")
+        defer { try? FileManager.default.removeItem(at: staging) }
+        try FileManager.default.createDirectory(at: staging, withIntermediateDirectories: false)
+        for entry in index.entries {
+            let target = staging.appendingPathComponent(entry.path)
+            // Parents are made here, in a fresh directory that holds no symlink: nothing can lead out.
+            try FileManager.default.createDirectory(at: target.deletingLastPathComponent(), withIntermediateDirectories: true)
+            switch entry.kind {
+            case .directory:
+                try FileManager.default.createDirectory(at: target, withIntermediateDirectories: true)
+            case .file:
+                guard let fileSHA = entry.sha256, link(filesURL.appendingPathComponent(fileSHA).path, target.path) == 0 else {
+                    throw SidecarError(.unavailable, "cannot place '\(entry.path)' of bundle \(sha256.prefix(12))…: \(String(cString: strerror(errno)))")
+                }
+            case .executable:
+                guard let fileSHA = entry.sha256 else { continue }
+                try FileManager.default.copyItem(at: filesURL.appendingPathComponent(fileSHA), to: target)
+                chmod(target.path, 0o555)
+            }
+        }
+        try RepositoryPublisher.writeAtomically(indexData, to: root.appendingPathComponent("\(sha256).files.json"))
+        let unpacked = unpackedURL(sha256)
+        if rename(staging.path, unpacked.path) != 0, !FileManager.default.fileExists(atPath: unpacked.path) {
+            throw SidecarError(.unavailable, "cannot move the bundle to \(unpacked.path): \(String(cString: strerror(errno)))")
+        }
+        guard let found = Self.modelDirectory(in: unpacked) else {
+            throw SidecarError(.invalidInput, "bundle \(sha256.prefix(12))… holds no model directory (no sidecar.yaml or handler.py)")
+        }
+        return found
     }
 
     /// Checks `data` against `sha256` and every rule of ``BundleArchive/unpack(_:sha256:into:limits:)``,
@@ -102,16 +196,29 @@ public struct BundleStore: Sendable {
         return directories.count == 1 && isModel(directories[0]) ? directories[0] : nil
     }
 
-    /// Removes every bundle not in `keep`. Returns how many went.
+    /// Removes every bundle not in `keep`, and every cached file no kept bundle lists. Returns how
+    /// many bundles went.
     @discardableResult
     func collect(keeping keep: Set<String>, logger: Logger) -> Int {
         guard let children = try? FileManager.default.contentsOfDirectory(atPath: root.path) else { return 0 }
         var removed = Set<String>()
         for child in children {
-            let sha = child.hasSuffix(".tar.gz") ? String(child.dropLast(".tar.gz".count)) : child
+            var sha = child
+            for suffix in [".tar.gz", ".files.json"] where child.hasSuffix(suffix) { sha = String(child.dropLast(suffix.count)) }
             guard RepositoryManifest.isSHA256(sha), !keep.contains(sha) else { continue }
-            try? FileManager.default.removeItem(at: root.appendingPathComponent(child))
+            let url = root.appendingPathComponent(child)
+            try? FileManager.default.removeItem(at: url)
             removed.insert(sha)
+        }
+        var listed = Set<String>()
+        for sha in keep {
+            guard let data = try? Data(contentsOf: root.appendingPathComponent("\(sha).files.json")),
+                let index = try? BundleIndex.decode(data, limits: limits)
+            else { continue }
+            listed.formUnion(index.entries.compactMap(\.sha256))
+        }
+        for file in (try? FileManager.default.contentsOfDirectory(atPath: filesURL.path)) ?? [] where RepositoryManifest.isSHA256(file) && !listed.contains(file) {
+            try? FileManager.default.removeItem(at: filesURL.appendingPathComponent(file))
         }
         if !removed.isEmpty { logger.info("removed \(removed.count) old bundle(s) from \(root.path)") }
         return removed.count

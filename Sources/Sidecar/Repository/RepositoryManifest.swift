@@ -42,18 +42,23 @@ public struct RepositoryManifest: Codable, Sendable, Equatable {
         public var bundle: String
         public var label: String
         public var weight: Int
+        /// Hex SHA-256 of the bundle's file index (`bundles/<bundle>.files.json`), when it has one:
+        /// nodes then fetch only the files they lack (``BundleIndex``).
+        public var files: String?
 
-        public init(version: String, bundle: String, label: String, weight: Int) {
+        public init(version: String, bundle: String, label: String, weight: Int, files: String? = nil) {
             self.version = version
             self.bundle = bundle
             self.label = label
             self.weight = weight
+            self.files = files
         }
     }
 
     public struct Published: Codable, Sendable, Equatable {
         public var version: String
         public var bundle: String
+        public var files: String?
     }
 
     public init() {}
@@ -94,6 +99,7 @@ public struct RepositoryManifest: Codable, Sendable, Equatable {
             for version in entry.versions {
                 guard ModelConfiguration.isValidName(version.version) else { throw fail("version '\(version.version.prefix(100))' is not valid (letters, digits, '-', '_', '.')") }
                 guard Self.isSHA256(version.bundle) else { throw fail("version \(version.version): bundle must be a hex SHA-256, got '\(version.bundle.prefix(100))'") }
+                if let files = version.files, !Self.isSHA256(files) { throw fail("version \(version.version): files must be a hex SHA-256, got '\(files.prefix(100))'") }
                 guard version.weight > 0 else { throw fail("version \(version.version): weight must be positive, got \(version.weight)") }
                 guard labels.insert(version.label).inserted else { throw fail("label '\(version.label)' appears twice") }
                 guard versions.insert(version.version).inserted else { throw fail("version \(version.version) appears under two labels") }
@@ -138,7 +144,7 @@ public struct RepositoryManifest: Codable, Sendable, Equatable {
                 throw SidecarError(.conflict, "model '\(name)' already has a version \(number) with another bundle; versions are immutable, publish a new one")
             }
             chosen = Published(version: number, bundle: bundle)
-            if !entry.history.contains(chosen) { entry.history.append(chosen) }
+            if !entry.history.contains(where: { $0.version == number }) { entry.history.append(chosen) }
             if entry.history.count > Self.historyLimit { entry.history.removeFirst(entry.history.count - Self.historyLimit) }
         } else {
             // No bundle: point the label at a version published before.
@@ -149,7 +155,8 @@ public struct RepositoryManifest: Codable, Sendable, Equatable {
         }
         // A version serves under one label: moving it (canary → stable) takes it off the other.
         entry.versions.removeAll { $0.label == label || $0.version == chosen.version }
-        entry.versions.append(Version(version: chosen.version, bundle: chosen.bundle, label: label, weight: weight))
+        let files = entry.history.last { $0.version == chosen.version }?.files
+        entry.versions.append(Version(version: chosen.version, bundle: chosen.bundle, label: label, weight: weight, files: files))
         entry.versions.sort { ($0.label == "stable" ? 0 : 1, $0.label) < ($1.label == "stable" ? 0 : 1, $1.label) }
         models[name] = entry
         return chosen.version

@@ -14,8 +14,16 @@ public protocol RepositorySource: Sendable {
     /// The manifest, unless it is unchanged since the fetch that returned `tag` (a conditional
     /// request: an unchanged manifest costs a stat or a 304, not a download).
     func manifest(ifChangedFrom tag: String?) async throws -> ManifestFetch
-    /// The bundle's bytes (checked against `sha256` by the caller before use).
-    func bundle(sha256: String, limit: Int) async throws -> Data
+    /// The bytes of a file of the repository (`bundles/<sha256>.tar.gz`, `files/<sha256>`, ...),
+    /// at most `limit`; the caller checks them against their hash before use.
+    func fetch(_ path: String, limit: Int) async throws -> Data
+}
+
+extension RepositorySource {
+    /// The bundle's `.tar.gz`.
+    public func bundle(sha256: String, limit: Int) async throws -> Data {
+        try await fetch("bundles/\(sha256).tar.gz", limit: limit)
+    }
 }
 
 public enum ManifestFetch: Sendable {
@@ -51,11 +59,11 @@ public struct DirectoryRepository: RepositorySource {
         }
     }
 
-    public func bundle(sha256: String, limit: Int) async throws -> Data {
-        let url = bundleURL(sha256)
+    public func fetch(_ path: String, limit: Int) async throws -> Data {
+        let url = root.appendingPathComponent(path)
         let size = (try? FileManager.default.attributesOfItem(atPath: url.path)[.size] as? Int) ?? nil
-        guard let size else { throw SidecarError(.unavailable, "the repository has no bundle \(url.path)") }
-        guard size <= limit else { throw SidecarError(.invalidInput, "bundle \(sha256) is \(size) bytes, over the limit of \(limit)") }
+        guard let size else { throw SidecarError(.unavailable, "the repository has no \(url.path)") }
+        guard size <= limit else { throw SidecarError(.invalidInput, "\(path) is \(size) bytes, over the limit of \(limit)") }
         do {
             return try Data(contentsOf: url)
         } catch {
@@ -82,6 +90,7 @@ public struct RepositoryPublisher: Sendable {
         let bundles = repository.root.appendingPathComponent("bundles")
         try FileManager.default.createDirectory(at: bundles, withIntermediateDirectories: true)
         var sha: String?
+        var indexSHA: String?
         if let directory {
             let (data, sha256) = try await BundleArchive.pack(directory: directory)
             let target = repository.bundleURL(sha256)
@@ -91,6 +100,20 @@ public struct RepositoryPublisher: Sendable {
                 try Self.writeAtomically(data, to: target)
             }
             sha = sha256
+            // Each file by its hash too, so nodes fetch only the files a version changed.
+            if let (index, files) = try BundleIndex.make(directory: directory) {
+                let store = repository.root.appendingPathComponent("files")
+                try FileManager.default.createDirectory(at: store, withIntermediateDirectories: true)
+                for (fileSHA, source) in files {
+                    let target = store.appendingPathComponent(fileSHA)
+                    let size = (try? FileManager.default.attributesOfItem(atPath: target.path)[.size] as? Int) ?? nil
+                    let data = try Data(contentsOf: source, options: .mappedIfSafe)
+                    if size != data.count { try Self.writeAtomically(data, to: target) }
+                }
+                let encoded = try index.encoded()
+                try Self.writeAtomically(encoded, to: bundles.appendingPathComponent("\(sha256).files.json"))
+                indexSHA = BundleArchive.sha256Hex(of: encoded)
+            }
         }
         let lock = try await FileLock.acquire(repository.root.appendingPathComponent(".publish.lock"), logger: logger ?? Logger(label: "sidecar"))
         defer { lock.release() }
@@ -99,6 +122,14 @@ public struct RepositoryPublisher: Sendable {
             manifest = try RepositoryManifest.decode(try Data(contentsOf: repository.manifestURL))
         }
         try change(&manifest, sha)
+        if let sha, let indexSHA {
+            // The versions of this bundle name its file index (the chain of trust to each file).
+            for (name, var entry) in manifest.models {
+                for index in entry.versions.indices where entry.versions[index].bundle == sha { entry.versions[index].files = indexSHA }
+                for index in entry.history.indices where entry.history[index].bundle == sha { entry.history[index].files = indexSHA }
+                manifest.models[name] = entry
+            }
+        }
         try manifest.check()
         try Self.writeAtomically(try manifest.encoded(), to: repository.manifestURL)
         return (manifest, sha)

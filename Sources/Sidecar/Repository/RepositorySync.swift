@@ -265,7 +265,7 @@ public final class RepositorySync: Service, Sendable {
                 continue
             }
             do {
-                let directory = try await store.directory(for: version.bundle, from: source, logger: logger) { bytes in
+                let directory = try await store.directory(for: version.bundle, files: version.files, from: source, logger: logger) { bytes in
                     self.state.withLock { $0.status.bytesFetched += bytes }
                     Counter(label: "sidecar_repository_fetched_bytes_total").increment(by: bytes)
                 }

@@ -54,15 +54,8 @@ struct HTTPFront: Sendable {
                 headers[.contentType] = "application/json"
                 return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
             }
-            router.get("repository/bundles/{file}") { _, context in
-                let file = try context.parameters.require("file")
-                guard file.hasSuffix(".tar.gz"), let archive = repository.store.archive(String(file.dropLast(".tar.gz".count))) else {
-                    throw FrontError(.notFound, "this node has no bundle '\(file.prefix(80))'")
-                }
-                let data = try Data(contentsOf: archive)
-                var headers = HTTPFields()
-                headers[.contentType] = "application/gzip"
-                return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
+            for folder in ["bundles", "files"] {
+                router.get("repository/\(folder)/{file}") { _, context in try repositoryFile(folder, context, repository) }
             }
         }
         router.get("metrics") { _, _ in
@@ -71,6 +64,18 @@ struct HTTPFront: Sendable {
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: metrics.exposition(host: host))))
         }
         return router
+    }
+
+    /// A bundle, file index or file this node holds, read-only (so nodes can fetch from each other).
+    private func repositoryFile(_ folder: String, _ context: BasicRequestContext, _ repository: RepositorySync) throws -> Response {
+        let file = try context.parameters.require("file")
+        guard let url = repository.store.served("\(folder)/\(file)") else {
+            throw FrontError(.notFound, "this node has no \(folder)/\(file.prefix(80))")
+        }
+        let data = try Data(contentsOf: url, options: .mappedIfSafe)
+        var headers = HTTPFields()
+        headers[.contentType] = file.hasSuffix(".json") ? "application/json" : file.hasSuffix(".tar.gz") ? "application/gzip" : "application/octet-stream"
+        return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
     }
 
     struct ServerMetadata: Encodable {

@@ -39,16 +39,16 @@ public struct HTTPRepository: RepositorySource {
         return .changed(Data(buffer: body), tag: newTag)
     }
 
-    public func bundle(sha256: String, limit: Int) async throws -> Data {
-        let url = base + "bundles/\(sha256).tar.gz"
-        let response = try await send(HTTPClientRequest(url: url), what: "bundle \(sha256.prefix(12))…")
+    public func fetch(_ path: String, limit: Int) async throws -> Data {
+        let url = base + path
+        let response = try await send(HTTPClientRequest(url: url), what: path)
         guard response.status == .ok else {
             throw SidecarError(.unavailable, "GET \(url) answered \(response.status.code) \(response.status.reasonPhrase)")
         }
         do {
             return Data(buffer: try await response.body.collect(upTo: limit))
         } catch is NIOTooManyBytesError {
-            throw SidecarError(.invalidInput, "bundle \(sha256) from \(base) is over the limit of \(limit) bytes")
+            throw SidecarError(.invalidInput, "\(url) is over the limit of \(limit) bytes")
         } catch {
             // A connection cut mid-body: a truncated download, retried by the caller.
             throw SidecarError(.unavailable, "fetching \(url) was cut off: \(error)", cause: error)
