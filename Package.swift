@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "Sidecar", targets: ["Sidecar"]),
         .executable(name: "sidecar", targets: ["SidecarCLI"]),
         .executable(name: "sidecar-bench", targets: ["SidecarBenchmark"]),
+        .executable(name: "sidecar-client-example", targets: ["SidecarClientExample"]),
     ],
     dependencies: [
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
@@ -125,6 +126,17 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
+            swiftSettings: strict
+        ),
+        // The README's gRPC client across pods: DNS resolution and round robin with grpc-swift-2.
+        .executableTarget(
+            name: "SidecarClientExample",
+            dependencies: [
+                "SidecarOIPProtocol",
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
+            ],
+            path: "Examples/SwiftClient",
             swiftSettings: strict
         ),
         .testTarget(
