@@ -97,7 +97,9 @@ struct ServeCommand: AsyncParsableCommand {
         if let grpcPort { configuration.grpcPort = grpcPort }
         if let maxBodyBytes { configuration.maxBodyBytes = maxBodyBytes }
         if let maxGrpcMessageBytes { configuration.maxGRPCMessageBytes = maxGrpcMessageBytes }
-        if hostArguments.cacheDir != nil || !hostArguments.pipArgs.isEmpty { configuration.hostOptions = hostArguments.hostOptions() }
+        // Each option overrides only its own key of --config.
+        if let cacheDir = hostArguments.cacheDir { configuration.hostOptions.environment.cacheDirectory = URL(fileURLWithPath: cacheDir) }
+        if !hostArguments.pipArgs.isEmpty { configuration.hostOptions.environment.pipArgs = hostArguments.pipArgs }
         if benchmarkEcho { configuration.hostOptions.benchmarkEcho = true }
         if let adminHost { configuration.adminHost = adminHost }
         if let adminPort { configuration.adminPort = adminPort }
@@ -120,12 +122,13 @@ struct ServeCommand: AsyncParsableCommand {
         for directory in configuration.models {
             do { _ = try ModelBundle(directory: directory) } catch { throw reportFailure(error) }
         }
-        let (count, address) = (configuration.models.count, configuration.host)
+        let (count, address, repository) = (configuration.models.count, configuration.host, configuration.repository)
         do {
             let adminHost = configuration.adminHost
             try await runServer(configuration, logger: logger) { ports in
                 let admin = ports.admin.map { ", admin API on \(adminHost):\($0)" } ?? ""
-                logger.notice("serving \(count) model(s): HTTP on \(address):\(ports.http), gRPC on \(address):\(ports.grpc)\(admin)")
+                let what = count == 0 && repository != nil ? "the repository's models" : "\(count) model(s)"
+                logger.notice("serving \(what): HTTP on \(address):\(ports.http), gRPC on \(address):\(ports.grpc)\(admin)")
             }
         } catch {
             throw reportFailure(error)

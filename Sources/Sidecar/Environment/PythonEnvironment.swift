@@ -38,6 +38,11 @@ public struct EnvironmentOptions: Sendable {
         if let dir = ProcessInfo.processInfo.environment["SIDECAR_CACHE_DIR"], !dir.isEmpty {
             return URL(fileURLWithPath: dir)
         }
+        // $XDG_CACHE_HOME, then $HOME (a container often runs with a HOME that is not the passwd
+        // entry's), then the passwd entry's home.
+        let environment = ProcessInfo.processInfo.environment
+        if let cache = environment["XDG_CACHE_HOME"], !cache.isEmpty { return URL(fileURLWithPath: cache).appendingPathComponent("sidecar") }
+        if let home = environment["HOME"], !home.isEmpty { return URL(fileURLWithPath: home).appendingPathComponent(".cache/sidecar") }
         return FileManager.default.homeDirectoryForCurrentUser.appendingPathComponent(".cache/sidecar")
     }
 }

@@ -3,16 +3,17 @@ import ServiceLifecycle
 import Sidecar
 import SidecarOIPProtocol
 
-/// `grpc.health.v1.Health`: the empty service name is the whole server (serving when every model
-/// has a ready worker), a model's name is that model, and `inference.GRPCInferenceService` is the
-/// inference service itself.
+/// `grpc.health.v1.Health`: the empty service name is the whole server's readiness (serving when
+/// every model that is not FAILED has a ready worker), `liveness` is the process answering (for a
+/// Kubernetes gRPC liveness probe, which must not fail while models load), a model's name is that
+/// model, and `inference.GRPCInferenceService` is the inference service itself.
 struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     let host: ModelHost
     let readiness: ServerReadiness
 
     func check(request: Grpc_Health_V1_HealthCheckRequest, context: ServerContext) async throws -> Grpc_Health_V1_HealthCheckResponse {
         guard let status = status(of: request.service) else {
-            throw FrontError(.notFound, "unknown service '\(request.service)'; use '', a model name, or inference.GRPCInferenceService").rpcError
+            throw FrontError(.notFound, "unknown service '\(request.service)'; use '' (readiness), liveness, a model name, or inference.GRPCInferenceService").rpcError
         }
         return .with { $0.status = status }
     }
@@ -34,6 +35,7 @@ struct HealthService: Grpc_Health_V1_Health.SimpleServiceProtocol {
     }
 
     private func status(of service: String) -> Grpc_Health_V1_HealthCheckResponse.ServingStatus? {
+        if service == "liveness" { return .serving }
         if service.isEmpty || service == "inference.GRPCInferenceService" {
             return readiness.isReady ? .serving : .notServing
         }

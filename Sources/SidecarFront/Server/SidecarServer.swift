@@ -172,9 +172,16 @@ final class ServerReadiness: Sendable {
 
     func markLoaded() { loaded.withLock { $0 = true } }
 
+    /// A FAILED model does not make the server unready: it refuses its own requests (503) and says
+    /// why, while the server's other models serve; otherwise one crash-looping model would take every
+    /// pod out of its Service, healthy models included.
     var isReady: Bool {
         loaded.withLock { $0 } && repository?.isCaughtUp != false
-            && host.modelNames.allSatisfy { host.model(named: $0)?.isReady == true }
+            && host.modelNames.allSatisfy { name in
+                guard let model = host.model(named: name) else { return true }
+                if case .failed = model.state { return true }
+                return model.isReady
+            }
     }
 }
 
