@@ -33,6 +33,11 @@ command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq cur
 echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl)"
 SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e
 
+# The Kubernetes image and manifests, offline: schemas (kubernetes-validate --strict), and ports,
+# probe paths, flags and selectors against the real server started from the ConfigMap.
+echo "== deploy/kubernetes (scripts/check-kubernetes.sh)"
+SIDECAR_BIN="$root/.build/debug/sidecar" scripts/check-kubernetes.sh
+
 # Every decoder of outside data, fuzzed: the committed corpora and past crashes replayed, then a
 # short coverage-guided run per target (libFuzzer + ASan for Swift, atheris for the Python worker).
 # Longer runs: scripts/fuzz.sh [TARGET] [SECONDS].
