@@ -30,8 +30,11 @@ if [ ! -x "$e2e/bin/python" ]; then
 fi
 "$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
-echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl)"
-SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e
+# Many nodes: each in its own network namespace, the repository behind nginx, haproxy in front
+# (Tests/e2e/cluster.py). CI runs as root, so the namespace version must run, not the loopback fallback.
+scripts/install-cluster-tools.sh
+echo "== pytest: Tests/e2e (sidecar serve + tritonclient + curl; nodes in namespaces behind haproxy)"
+SIDECAR_CLUSTER_NETNS="${SIDECAR_CLUSTER_NETNS:-1}" SIDECAR_BIN="$root/.build/debug/sidecar" "$e2e/bin/python" -m pytest -q Tests/e2e
 
 # The Kubernetes image and manifests, offline: schemas (kubernetes-validate --strict), and ports,
 # probe paths, flags and selectors against the real server started from the ConfigMap.

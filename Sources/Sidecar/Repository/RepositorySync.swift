@@ -139,7 +139,8 @@ public final class RepositorySync: Service, Sendable {
                     defer { state.waiting.removeAll() }
                     return state.waiting
                 }
-                await pass()
+                // A graceful shutdown does not wait for a download or a poll under way.
+                try? await cancelWhenGracefulShutdown { await self.pass() }
                 let status = self.status
                 for waiter in waiters { waiter.resume(returning: status) }
             }

@@ -11,12 +11,18 @@ import Sidecar
 public struct HTTPRepository: RepositorySource {
     public let base: String
     let client: HTTPClient
-    let timeout: TimeAmount
+    /// For the manifest, a small file: an unreachable repository is reported within it.
+    let manifestTimeout: TimeAmount
+    /// For a bundle or a file, which may be gigabytes: the whole download's deadline.
+    let downloadTimeout: TimeAmount
 
-    public init(base: String, client: HTTPClient = .shared, timeout: TimeAmount = .seconds(30)) {
+    public init(
+        base: String, client: HTTPClient = .shared, manifestTimeout: TimeAmount = .seconds(5), downloadTimeout: TimeAmount = .hours(1)
+    ) {
         self.base = base.hasSuffix("/") ? base : base + "/"
         self.client = client
-        self.timeout = timeout
+        self.manifestTimeout = manifestTimeout
+        self.downloadTimeout = downloadTimeout
     }
 
     public var description: String { base }
@@ -28,7 +34,7 @@ public struct HTTPRepository: RepositorySource {
             if tag.hasPrefix("etag:") { request.headers.add(name: "If-None-Match", value: String(tag.dropFirst(5))) }
             if tag.hasPrefix("date:") { request.headers.add(name: "If-Modified-Since", value: String(tag.dropFirst(5))) }
         }
-        let response = try await send(request, what: "manifest.json")
+        let response = try await send(request, what: "manifest.json", timeout: manifestTimeout)
         if response.status == .notModified { return .unchanged }
         guard response.status == .ok else {
             throw SidecarError(.unavailable, "GET \(base)manifest.json answered \(response.status.code) \(response.status.reasonPhrase)")
@@ -41,7 +47,7 @@ public struct HTTPRepository: RepositorySource {
 
     public func fetch(_ path: String, limit: Int) async throws -> Data {
         let url = base + path
-        let response = try await send(HTTPClientRequest(url: url), what: path)
+        let response = try await send(HTTPClientRequest(url: url), what: path, timeout: downloadTimeout)
         guard response.status == .ok else {
             throw SidecarError(.unavailable, "GET \(url) answered \(response.status.code) \(response.status.reasonPhrase)")
         }
@@ -55,7 +61,7 @@ public struct HTTPRepository: RepositorySource {
         }
     }
 
-    private func send(_ request: HTTPClientRequest, what: String) async throws -> HTTPClientResponse {
+    private func send(_ request: HTTPClientRequest, what: String, timeout: TimeAmount) async throws -> HTTPClientResponse {
         do {
             return try await client.execute(request, timeout: timeout)
         } catch {
