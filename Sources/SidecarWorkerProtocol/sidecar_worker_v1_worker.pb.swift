@@ -224,6 +224,12 @@ public nonisolated struct Sidecar_Worker_V1_Batch: Sendable {
   /// batch never mixes the two: the handler gets either JSON values or dicts of numpy arrays.
   public var tensorItems: [Sidecar_Worker_V1_TensorItem] = []
 
+  /// When the handler raises for the whole batch, the worker itself finds the items that raise
+  /// (bisecting, or item by item when most items fail) and answers each item with its own result
+  /// or error. False for a model with `retry: false`: no item may run twice, so every item gets the
+  /// batch's error.
+  public var isolate: Bool = false
+
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
   public init() {}
@@ -298,6 +304,13 @@ public nonisolated struct Sidecar_Worker_V1_BatchResult: Sendable {
   /// For a tensor batch: one TensorItem per item, in item order (empty for an item in item_errors);
   /// `outputs` is then empty.
   public var tensorOutputs: [Sidecar_Worker_V1_TensorItem] = []
+
+  /// Extra handler calls the worker made to isolate the items that raise (0: none were needed).
+  public var isolationCalls: UInt32 = 0
+
+  /// The worker did not isolate: the model's recent batches failed for every item, so each item got
+  /// the batch's error at once (one probe call checks whether items succeed again).
+  public var failFast: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()
 
@@ -685,7 +698,7 @@ nonisolated extension Sidecar_Worker_V1_WorkerMessage: SwiftProtobuf.Message, Sw
 
 nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".Batch"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}items\0\u{3}tensor_items\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}items\0\u{3}tensor_items\0\u{1}isolate\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -696,6 +709,7 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
       case 1: try { try decoder.decodeSingularUInt64Field(value: &self.id) }()
       case 2: try { try decoder.decodeRepeatedBytesField(value: &self.items) }()
       case 3: try { try decoder.decodeRepeatedMessageField(value: &self.tensorItems) }()
+      case 4: try { try decoder.decodeSingularBoolField(value: &self.isolate) }()
       default: break
       }
     }
@@ -711,6 +725,9 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
     if !self.tensorItems.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.tensorItems, fieldNumber: 3)
     }
+    if self.isolate != false {
+      try visitor.visitSingularBoolField(value: self.isolate, fieldNumber: 4)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -718,6 +735,7 @@ nonisolated extension Sidecar_Worker_V1_Batch: SwiftProtobuf.Message, SwiftProto
     if lhs.id != rhs.id {return false}
     if lhs.items != rhs.items {return false}
     if lhs.tensorItems != rhs.tensorItems {return false}
+    if lhs.isolate != rhs.isolate {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
@@ -800,7 +818,7 @@ nonisolated extension Sidecar_Worker_V1_Tensor: SwiftProtobuf.Message, SwiftProt
 
 nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
   public static let protoMessageName: String = _protobuf_package + ".BatchResult"
-  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}outputs\0\u{3}item_errors\0\u{3}batch_error\0\u{3}compute_seconds\0\u{3}tensor_outputs\0")
+  public static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}id\0\u{1}outputs\0\u{3}item_errors\0\u{3}batch_error\0\u{3}compute_seconds\0\u{3}tensor_outputs\0\u{3}isolation_calls\0\u{3}fail_fast\0")
 
   public mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
@@ -814,6 +832,8 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
       case 4: try { try decoder.decodeSingularMessageField(value: &self._batchError) }()
       case 5: try { try decoder.decodeSingularDoubleField(value: &self.computeSeconds) }()
       case 6: try { try decoder.decodeRepeatedMessageField(value: &self.tensorOutputs) }()
+      case 7: try { try decoder.decodeSingularUInt32Field(value: &self.isolationCalls) }()
+      case 8: try { try decoder.decodeSingularBoolField(value: &self.failFast) }()
       default: break
       }
     }
@@ -842,6 +862,12 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
     if !self.tensorOutputs.isEmpty {
       try visitor.visitRepeatedMessageField(value: self.tensorOutputs, fieldNumber: 6)
     }
+    if self.isolationCalls != 0 {
+      try visitor.visitSingularUInt32Field(value: self.isolationCalls, fieldNumber: 7)
+    }
+    if self.failFast != false {
+      try visitor.visitSingularBoolField(value: self.failFast, fieldNumber: 8)
+    }
     try unknownFields.traverse(visitor: &visitor)
   }
 
@@ -852,6 +878,8 @@ nonisolated extension Sidecar_Worker_V1_BatchResult: SwiftProtobuf.Message, Swif
     if lhs._batchError != rhs._batchError {return false}
     if lhs.computeSeconds != rhs.computeSeconds {return false}
     if lhs.tensorOutputs != rhs.tensorOutputs {return false}
+    if lhs.isolationCalls != rhs.isolationCalls {return false}
+    if lhs.failFast != rhs.failFast {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }

@@ -9,30 +9,17 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .codec import BatchFailure, DecodedItems, check_results, decode_items, encode_outputs, item_error
+from .isolation import Isolator, Outcome, Plan, Raised
 from .loading import Handler
 from .proto import worker_pb2 as pb
 from .tensors import TensorError, decode_tensor_item, encode_tensor_outputs, load_numpy, split_rows
 
 
 def _handler_raised(batch_id: int, exc: Exception, seconds: float, errors: List[pb.ItemError]) -> pb.BatchResult:
-    tb = exc.__traceback__
-    # Drop this module's frame (the predict call) when the handler's own frames follow it.
-    if tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return pb.BatchResult(
-        id=batch_id,
-        item_errors=errors,
-        batch_error=pb.Error(
-            type=type(exc).__name__,
-            message=str(exc),
-            traceback="".join(traceback.format_exception(type(exc), exc, tb)),
-            kind=pb.HANDLER_RAISED,
-        ),
-        compute_seconds=seconds,
-    )
+    return pb.BatchResult(id=batch_id, item_errors=errors, batch_error=_format(exc), compute_seconds=seconds)
 
 
 def _decode_tensors(items: Sequence[pb.TensorItem]) -> DecodedItems:
@@ -115,7 +102,89 @@ def _finish(batch: pb.Batch, decoded: DecodedItems, results: Any, seconds: float
     return result
 
 
-def process_sync(handler: Handler, batch: pb.Batch) -> pb.BatchResult:
+def _format(exc: BaseException) -> pb.Error:
+    tb = exc.__traceback__
+    # Drop this module's frame (the predict call) when the handler's own frames follow it.
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return pb.Error(
+        type=type(exc).__name__, message=str(exc), traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+        kind=pb.HANDLER_RAISED,
+    )
+
+
+def _checked(batch: pb.Batch, results: Any, expected: int) -> Sequence[Any]:
+    """A sub-batch's results as `_finish` would check them; raises `BatchFailure`."""
+    return check_results(split_rows(results) if batch.tensor_items else results, expected)
+
+
+def _wrong_result(batch: pb.Batch, decoded: DecodedItems, failure: BatchFailure, seconds: float, calls: int) -> pb.BatchResult:
+    return pb.BatchResult(
+        id=batch.id,
+        item_errors=decoded.errors,
+        batch_error=pb.Error(type=failure.type_name, message=failure.message, kind=pb.WRONG_RESULT),
+        compute_seconds=seconds,
+        isolation_calls=calls,
+    )
+
+
+def _isolated(batch: pb.Batch, decoded: DecodedItems, out: List[Any], seconds: float, calls: int) -> pb.BatchResult:
+    """The batch answered item by item: each result encoded, each ``Raised`` its own error."""
+    values: List[Any] = []
+    indices: List[int] = []
+    errors = list(decoded.errors)
+    for k, outcome in enumerate(out):
+        index = k if decoded.indices is None else decoded.indices[k]
+        if isinstance(outcome, Raised):
+            errors.append(pb.ItemError(index=index, error=_format(outcome.error)))
+        else:
+            values.append(outcome)
+            indices.append(index)
+    result = pb.BatchResult(id=batch.id, compute_seconds=seconds, isolation_calls=calls)
+    if batch.tensor_items:
+        encode_errors = _encode_tensors(values, result.tensor_outputs, len(batch.tensor_items), indices)
+    else:
+        result.outputs, encode_errors = encode_outputs(values, len(batch.items), indices)
+    errors.extend(encode_errors)
+    errors.sort(key=lambda e: e.index)
+    result.item_errors.extend(errors)
+    return result
+
+
+def _every_item_failed(batch: pb.Batch, decoded: DecodedItems, exc: Exception, seconds: float, calls: int) -> pb.BatchResult:
+    """Fail fast: the batch's error for every item, formatted once, no isolation; the message says
+    so, since it may name another item of the batch."""
+    error = _format(exc)
+    error.message = f"{error.message} (the batch's error: the model's recent batches failed for every item, so items were not run alone)"
+    errors = list(decoded.errors)
+    for k in range(len(decoded.values)):
+        errors.append(pb.ItemError(index=k if decoded.indices is None else decoded.indices[k], error=error))
+    errors.sort(key=lambda e: e.index)
+    result = pb.BatchResult(id=batch.id, compute_seconds=seconds, isolation_calls=calls, fail_fast=True)
+    if batch.tensor_items:
+        result.tensor_outputs.extend(pb.TensorItem() for _ in batch.tensor_items)
+    else:
+        result.outputs, _ = encode_outputs([], len(batch.items), [])
+    result.item_errors.extend(errors)
+    return result
+
+
+def _should_isolate(batch: pb.Batch, decoded: DecodedItems, isolator: Optional[Isolator]) -> bool:
+    # A lone item's error is its own already; without `isolate` (retry: false) no item runs twice.
+    return isolator is not None and batch.isolate and len(decoded.values) > 1
+
+
+def _outcome(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
+    """A sub-batch's call: (False, what it raised), or (True, its checked results); raises
+    `BatchFailure` for a wrong-length or wrong-type return (the batch then fails as a whole)."""
+    try:
+        results = call()
+    except Exception as exc:
+        return (False, exc)
+    return (True, _checked(batch, results, expected))
+
+
+def process_sync(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator] = None) -> pb.BatchResult:
     decoded = _decode(batch)
     empty = _nothing_to_predict(batch, decoded)
     if empty is not None:
@@ -124,11 +193,41 @@ def process_sync(handler: Handler, batch: pb.Batch) -> pb.BatchResult:
     try:
         results = handler.predict(decoded.values)
     except Exception as exc:
-        return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
+        if not _should_isolate(batch, decoded, isolator):
+            return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
+        assert isolator is not None
+        values = decoded.values
+        calls = 0
+        try:
+            if isolator.fail_fast:
+                calls += 1
+                probe_ok, _ = _outcome(lambda: handler.predict(values[:1]), batch, 1)
+                if not probe_ok:
+                    return _every_item_failed(batch, decoded, exc, time.perf_counter() - start, calls)
+                isolator.succeeded()
+            plan: Plan = isolator.plan(len(values))
+            lo, hi = next(plan)
+            while True:
+                calls += 1
+                lo, hi = plan.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+        except StopIteration as done:
+            return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+        except BatchFailure as failure:
+            return _wrong_result(batch, decoded, failure, time.perf_counter() - start, calls)
+    if isolator is not None:
+        isolator.succeeded()
     return _finish(batch, decoded, results, time.perf_counter() - start)
 
 
-async def process_async(handler: Handler, batch: pb.Batch) -> pb.BatchResult:
+async def _outcome_async(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
+    try:
+        results = await call()
+    except Exception as exc:
+        return (False, exc)
+    return (True, _checked(batch, results, expected))
+
+
+async def process_async(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator] = None) -> pb.BatchResult:
     decoded = _decode(batch)
     empty = _nothing_to_predict(batch, decoded)
     if empty is not None:
@@ -137,5 +236,27 @@ async def process_async(handler: Handler, batch: pb.Batch) -> pb.BatchResult:
     try:
         results = await handler.predict(decoded.values)
     except Exception as exc:
-        return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
+        if not _should_isolate(batch, decoded, isolator):
+            return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
+        assert isolator is not None
+        values = decoded.values
+        calls = 0
+        try:
+            if isolator.fail_fast:
+                calls += 1
+                probe_ok, _ = await _outcome_async(lambda: handler.predict(values[:1]), batch, 1)
+                if not probe_ok:
+                    return _every_item_failed(batch, decoded, exc, time.perf_counter() - start, calls)
+                isolator.succeeded()
+            plan: Plan = isolator.plan(len(values))
+            lo, hi = next(plan)
+            while True:
+                calls += 1
+                lo, hi = plan.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+        except StopIteration as done:
+            return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+        except BatchFailure as failure:
+            return _wrong_result(batch, decoded, failure, time.perf_counter() - start, calls)
+    if isolator is not None:
+        isolator.succeeded()
     return _finish(batch, decoded, results, time.perf_counter() - start)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .batch import process_async, process_sync
+from .isolation import Isolator
 from .loading import Handler, make_context
 from .logs import LogForwarder
 from .proto import worker_pb2 as pb
@@ -48,6 +49,7 @@ class Runner:
         self._model_dir = model_dir
         self._logger = logger
         self._forwarder = forwarder
+        self._isolator = Isolator()
         # An async handler gets an event loop of its own, run on the model's thread for each batch.
         self._loop: Optional[asyncio.AbstractEventLoop] = asyncio.new_event_loop() if handler.is_async else None
 
@@ -57,9 +59,9 @@ class Runner:
         batch = pb.Batch.FromString(data)
         try:
             if self._loop is not None:
-                result = self._loop.run_until_complete(process_async(self._handler, batch))
+                result = self._loop.run_until_complete(process_async(self._handler, batch, self._isolator))
             else:
-                result = process_sync(self._handler, batch)
+                result = process_sync(self._handler, batch, self._isolator)
         except BatchTimeout:
             raise
         except Exception as exc:  # a bug in the runtime; the server must still get an answer

@@ -21,6 +21,7 @@ from typing import AsyncIterator, List, Optional, Set
 import grpc
 
 from .batch import process_async, process_sync
+from .isolation import Isolator
 from .loading import Handler
 from .startup import LoadOutcome
 from .logs import LogForwarder
@@ -56,6 +57,8 @@ class _Session:
         self._stop = stop
         self._out: "asyncio.Queue[Optional[pb.WorkerMessage]]" = asyncio.Queue()
         self._handler: "asyncio.Future[Optional[Handler]]" = self._loop.create_future()
+        # Which items of a raising batch raise: one policy per worker (its failure history).
+        self._isolator = Isolator()
         self._inflight: Set["asyncio.Task[None]"] = set()
         # Average wall time of recent sync batches (starts high: the first batches use the thread).
         self._recent_seconds = 1.0
@@ -134,15 +137,15 @@ class _Session:
             return
         try:
             if handler.is_async:
-                result = await process_async(handler, batch)
+                result = await process_async(handler, batch, self._isolator)
             else:
                 start = time.perf_counter()
                 if self._in_thread == 0 and self._recent_seconds < INLINE_BELOW_SECONDS:
-                    result = process_sync(handler, batch)
+                    result = process_sync(handler, batch, self._isolator)
                 else:
                     self._in_thread += 1
                     try:
-                        result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch)
+                        result = await self._loop.run_in_executor(self._executor, process_sync, handler, batch, self._isolator)
                     finally:
                         self._in_thread -= 1
                 self._note_duration(time.perf_counter() - start)

@@ -216,7 +216,7 @@ final class EmbeddedExecutor: Executor {
     private func runBatch(_ job: BatchJob) async -> Bool {
         let bytes: [UInt8]
         do {
-            bytes = try BatchEncoder.message(for: job).serializedBytes()
+            bytes = try BatchEncoder.message(for: job, isolate: batcher.retry).serializedBytes()
         } catch {
             job.fail(PredictionError(kind: .handlerError, type: "ProtocolError", message: "the batch could not be encoded: \(error)"))
             return true

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import Metrics
 import SidecarWorkerProtocol
 
 // The Swift side of the worker protocol (proto/sidecar/worker/v1/worker.proto): batches to the
@@ -7,9 +8,12 @@ import SidecarWorkerProtocol
 
 /// Builds the worker message for a batch.
 enum BatchEncoder {
-    static func message(for job: BatchJob) -> Sidecar_Worker_V1_Batch {
+    /// `isolate`: the worker finds the items of a raising batch itself (off for `retry: false`,
+    /// where no item may run twice).
+    static func message(for job: BatchJob, isolate: Bool) -> Sidecar_Worker_V1_Batch {
         var batch = Sidecar_Worker_V1_Batch()
         batch.id = job.id
+        batch.isolate = isolate
         if job.isJSON {
             batch.items = job.jsonItems
         } else {
@@ -36,7 +40,17 @@ enum BatchResultDecoder {
     /// Answers `job` with the result its executor (a worker process or the embedded interpreter)
     /// sent back, or splits the job when the handler raised for it: one item's exception must not
     /// fail the others (from other callers too). Not with `retry: false`: bisection runs items again.
+    ///
+    /// A worker isolates a raising batch itself (`Batch.isolate`) and answers each item; what comes
+    /// back raised as a whole is a batch the worker could not split (an old runtime), so it is
+    /// bisected here as before.
     static func settle(_ job: BatchJob, with result: Sidecar_Worker_V1_BatchResult, batcher: Batcher, logger: Logger) {
+        if result.isolationCalls > 0 {
+            Counter(label: "sidecar_isolation_calls_total", dimensions: [("model", batcher.modelName)]).increment(by: Int(result.isolationCalls))
+        }
+        if result.failFast {
+            Counter(label: "sidecar_fail_fast_batches_total", dimensions: [("model", batcher.modelName)]).increment()
+        }
         if job.count > 1, batcher.retry, handlerRaised(result) {
             logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
             batcher.bisect(job)

@@ -198,7 +198,7 @@ extension WorkerProcess {
                 if $0.state == .ready { $0.state = .busy }
             }
             logger.trace("dispatching batch \(job.id) of \(job.count) items")
-            sink.yield(.with { $0.batch = BatchEncoder.message(for: job) })
+            sink.yield(.with { $0.batch = BatchEncoder.message(for: job, isolate: batcher.retry) })
         }
     }
 

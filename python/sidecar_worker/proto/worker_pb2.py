@@ -14,45 +14,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/worker/v1/worker.proto\x12\x11sidecar.worker.v1\"\xa0\x01\n\x11SupervisorMessage\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.BatchH\x00\x12\'\n\x04ping\x18\x02 \x01(\x0b\x32\x17.sidecar.worker.v1.PingH\x00\x12/\n\x08shutdown\x18\x03 \x01(\x0b\x32\x1b.sidecar.worker.v1.ShutdownH\x00\x42\x06\n\x04kind\"\xab\x02\n\rWorkerMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.HelloH\x00\x12)\n\x05ready\x18\x02 \x01(\x0b\x32\x18.sidecar.worker.v1.ReadyH\x00\x12\x34\n\x0bload_failed\x18\x03 \x01(\x0b\x32\x1d.sidecar.worker.v1.LoadFailedH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.sidecar.worker.v1.BatchResultH\x00\x12\'\n\x04pong\x18\x05 \x01(\x0b\x32\x17.sidecar.worker.v1.PongH\x00\x12+\n\x03log\x18\x06 \x01(\x0b\x32\x1c.sidecar.worker.v1.LogRecordH\x00\x42\x06\n\x04kind\"W\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05items\x18\x02 \x03(\x0c\x12\x33\n\x0ctensor_items\x18\x03 \x03(\x0b\x32\x1d.sidecar.worker.v1.TensorItem\"8\n\nTensorItem\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.sidecar.worker.v1.Tensor\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xdc\x01\n\x0b\x42\x61tchResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\x12\x31\n\x0bitem_errors\x18\x03 \x03(\x0b\x32\x1c.sidecar.worker.v1.ItemError\x12-\n\x0b\x62\x61tch_error\x18\x04 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x35\n\x0etensor_outputs\x18\x06 \x03(\x0b\x32\x1d.sidecar.worker.v1.TensorItem\"e\n\x05\x45rror\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.sidecar.worker.v1.ErrorKind\"C\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\r\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\"u\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x16\n\x0epython_version\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x14\n\x0cworker_index\x18\x05 \x01(\r\"\x1d\n\x05Ready\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\"5\n\nLoadFailed\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\n\n\x08Shutdown\";\n\tLogRecord\x12\r\n\x05level\x18\x01 \x01(\x05\x12\x0e\n\x06logger\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\x8a\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHANDLER_RAISED\x10\x01\x12\x10\n\x0cWRONG_RESULT\x10\x02\x12\x12\n\x0eRUNTIME_FAILED\x10\x03\x12\x11\n\rINVALID_INPUT\x10\x04\x12\x14\n\x10NOT_SERIALIZABLE\x10\x05\x32_\n\x06Worker\x12U\n\x07Session\x12$.sidecar.worker.v1.SupervisorMessage\x1a .sidecar.worker.v1.WorkerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esidecar/worker/v1/worker.proto\x12\x11sidecar.worker.v1\"\xa0\x01\n\x11SupervisorMessage\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.BatchH\x00\x12\'\n\x04ping\x18\x02 \x01(\x0b\x32\x17.sidecar.worker.v1.PingH\x00\x12/\n\x08shutdown\x18\x03 \x01(\x0b\x32\x1b.sidecar.worker.v1.ShutdownH\x00\x42\x06\n\x04kind\"\xab\x02\n\rWorkerMessage\x12)\n\x05hello\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.HelloH\x00\x12)\n\x05ready\x18\x02 \x01(\x0b\x32\x18.sidecar.worker.v1.ReadyH\x00\x12\x34\n\x0bload_failed\x18\x03 \x01(\x0b\x32\x1d.sidecar.worker.v1.LoadFailedH\x00\x12\x30\n\x06result\x18\x04 \x01(\x0b\x32\x1e.sidecar.worker.v1.BatchResultH\x00\x12\'\n\x04pong\x18\x05 \x01(\x0b\x32\x17.sidecar.worker.v1.PongH\x00\x12+\n\x03log\x18\x06 \x01(\x0b\x32\x1c.sidecar.worker.v1.LogRecordH\x00\x42\x06\n\x04kind\"h\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\r\n\x05items\x18\x02 \x03(\x0c\x12\x33\n\x0ctensor_items\x18\x03 \x03(\x0b\x32\x1d.sidecar.worker.v1.TensorItem\x12\x0f\n\x07isolate\x18\x04 \x01(\x08\"8\n\nTensorItem\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.sidecar.worker.v1.Tensor\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x88\x02\n\x0b\x42\x61tchResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07outputs\x18\x02 \x01(\x0c\x12\x31\n\x0bitem_errors\x18\x03 \x03(\x0b\x32\x1c.sidecar.worker.v1.ItemError\x12-\n\x0b\x62\x61tch_error\x18\x04 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\x12\x35\n\x0etensor_outputs\x18\x06 \x03(\x0b\x32\x1d.sidecar.worker.v1.TensorItem\x12\x17\n\x0fisolation_calls\x18\x07 \x01(\r\x12\x11\n\tfail_fast\x18\x08 \x01(\x08\"e\n\x05\x45rror\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\x12*\n\x04kind\x18\x04 \x01(\x0e\x32\x1c.sidecar.worker.v1.ErrorKind\"C\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\r\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\"u\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0b\n\x03pid\x18\x02 \x01(\x05\x12\x16\n\x0epython_version\x18\x03 \x01(\t\x12\x17\n\x0fruntime_version\x18\x04 \x01(\t\x12\x14\n\x0cworker_index\x18\x05 \x01(\r\"\x1d\n\x05Ready\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\"5\n\nLoadFailed\x12\'\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x18.sidecar.worker.v1.Error\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\n\n\x08Shutdown\";\n\tLogRecord\x12\r\n\x05level\x18\x01 \x01(\x05\x12\x0e\n\x06logger\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\x8a\x01\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHANDLER_RAISED\x10\x01\x12\x10\n\x0cWRONG_RESULT\x10\x02\x12\x12\n\x0eRUNTIME_FAILED\x10\x03\x12\x11\n\rINVALID_INPUT\x10\x04\x12\x14\n\x10NOT_SERIALIZABLE\x10\x05\x32_\n\x06Worker\x12U\n\x07Session\x12$.sidecar.worker.v1.SupervisorMessage\x1a .sidecar.worker.v1.WorkerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sidecar.worker.v1.worker_pb2', _globals)
 if _descriptor._USE_C_DESCRIPTORS == False:
   DESCRIPTOR._options = None
-  _globals['_ERRORKIND']._serialized_start=1456
-  _globals['_ERRORKIND']._serialized_end=1594
+  _globals['_ERRORKIND']._serialized_start=1517
+  _globals['_ERRORKIND']._serialized_end=1655
   _globals['_SUPERVISORMESSAGE']._serialized_start=54
   _globals['_SUPERVISORMESSAGE']._serialized_end=214
   _globals['_WORKERMESSAGE']._serialized_start=217
   _globals['_WORKERMESSAGE']._serialized_end=516
   _globals['_BATCH']._serialized_start=518
-  _globals['_BATCH']._serialized_end=605
-  _globals['_TENSORITEM']._serialized_start=607
-  _globals['_TENSORITEM']._serialized_end=663
-  _globals['_TENSOR']._serialized_start=665
-  _globals['_TENSOR']._serialized_end=734
-  _globals['_BATCHRESULT']._serialized_start=737
-  _globals['_BATCHRESULT']._serialized_end=957
-  _globals['_ERROR']._serialized_start=959
-  _globals['_ERROR']._serialized_end=1060
-  _globals['_ITEMERROR']._serialized_start=1062
-  _globals['_ITEMERROR']._serialized_end=1129
-  _globals['_HELLO']._serialized_start=1131
-  _globals['_HELLO']._serialized_end=1248
-  _globals['_READY']._serialized_start=1250
-  _globals['_READY']._serialized_end=1279
-  _globals['_LOADFAILED']._serialized_start=1281
-  _globals['_LOADFAILED']._serialized_end=1334
-  _globals['_PING']._serialized_start=1336
-  _globals['_PING']._serialized_end=1357
-  _globals['_PONG']._serialized_start=1359
-  _globals['_PONG']._serialized_end=1380
-  _globals['_SHUTDOWN']._serialized_start=1382
-  _globals['_SHUTDOWN']._serialized_end=1392
-  _globals['_LOGRECORD']._serialized_start=1394
-  _globals['_LOGRECORD']._serialized_end=1453
-  _globals['_WORKER']._serialized_start=1596
-  _globals['_WORKER']._serialized_end=1691
+  _globals['_BATCH']._serialized_end=622
+  _globals['_TENSORITEM']._serialized_start=624
+  _globals['_TENSORITEM']._serialized_end=680
+  _globals['_TENSOR']._serialized_start=682
+  _globals['_TENSOR']._serialized_end=751
+  _globals['_BATCHRESULT']._serialized_start=754
+  _globals['_BATCHRESULT']._serialized_end=1018
+  _globals['_ERROR']._serialized_start=1020
+  _globals['_ERROR']._serialized_end=1121
+  _globals['_ITEMERROR']._serialized_start=1123
+  _globals['_ITEMERROR']._serialized_end=1190
+  _globals['_HELLO']._serialized_start=1192
+  _globals['_HELLO']._serialized_end=1309
+  _globals['_READY']._serialized_start=1311
+  _globals['_READY']._serialized_end=1340
+  _globals['_LOADFAILED']._serialized_start=1342
+  _globals['_LOADFAILED']._serialized_end=1395
+  _globals['_PING']._serialized_start=1397
+  _globals['_PING']._serialized_end=1418
+  _globals['_PONG']._serialized_start=1420
+  _globals['_PONG']._serialized_end=1441
+  _globals['_SHUTDOWN']._serialized_start=1443
+  _globals['_SHUTDOWN']._serialized_end=1453
+  _globals['_LOGRECORD']._serialized_start=1455
+  _globals['_LOGRECORD']._serialized_end=1514
+  _globals['_WORKER']._serialized_start=1657
+  _globals['_WORKER']._serialized_end=1752
 # @@protoc_insertion_point(module_scope)

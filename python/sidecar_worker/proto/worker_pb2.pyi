@@ -48,14 +48,16 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ready: _Optional[_Union[Ready, _Mapping]] = ..., load_failed: _Optional[_Union[LoadFailed, _Mapping]] = ..., result: _Optional[_Union[BatchResult, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., log: _Optional[_Union[LogRecord, _Mapping]] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("id", "items", "tensor_items")
+    __slots__ = ("id", "items", "tensor_items", "isolate")
     ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATE_FIELD_NUMBER: _ClassVar[int]
     id: int
     items: _containers.RepeatedScalarFieldContainer[bytes]
     tensor_items: _containers.RepeatedCompositeFieldContainer[TensorItem]
-    def __init__(self, id: _Optional[int] = ..., items: _Optional[_Iterable[bytes]] = ..., tensor_items: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ...) -> None: ...
+    isolate: bool
+    def __init__(self, id: _Optional[int] = ..., items: _Optional[_Iterable[bytes]] = ..., tensor_items: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ..., isolate: bool = ...) -> None: ...
 
 class TensorItem(_message.Message):
     __slots__ = ("tensors",)
@@ -76,20 +78,24 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BatchResult(_message.Message):
-    __slots__ = ("id", "outputs", "item_errors", "batch_error", "compute_seconds", "tensor_outputs")
+    __slots__ = ("id", "outputs", "item_errors", "batch_error", "compute_seconds", "tensor_outputs", "isolation_calls", "fail_fast")
     ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ITEM_ERRORS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ERROR_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TENSOR_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_CALLS_FIELD_NUMBER: _ClassVar[int]
+    FAIL_FAST_FIELD_NUMBER: _ClassVar[int]
     id: int
     outputs: bytes
     item_errors: _containers.RepeatedCompositeFieldContainer[ItemError]
     batch_error: Error
     compute_seconds: float
     tensor_outputs: _containers.RepeatedCompositeFieldContainer[TensorItem]
-    def __init__(self, id: _Optional[int] = ..., outputs: _Optional[bytes] = ..., item_errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., batch_error: _Optional[_Union[Error, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., tensor_outputs: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ...) -> None: ...
+    isolation_calls: int
+    fail_fast: bool
+    def __init__(self, id: _Optional[int] = ..., outputs: _Optional[bytes] = ..., item_errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., batch_error: _Optional[_Union[Error, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., tensor_outputs: _Optional[_Iterable[_Union[TensorItem, _Mapping]]] = ..., isolation_calls: _Optional[int] = ..., fail_fast: bool = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("type", "message", "traceback", "kind")
