@@ -5,10 +5,10 @@ message, a new handler call. Here the items are already decoded, so a half costs
 and nothing else. The plan for a batch is a generator of sub-batches to call (``plan``); the sync and
 async drivers in ``batch`` run it, so both handler kinds share one policy:
 
-- **bisection** while failures are sparse: a batch of 64 with one raising item costs 12 calls;
-- **item by item** when most items fail (bisecting would cost 2n - 1 calls, one by one costs n),
-  decided from the recent batches' failure density, and inside a batch for a range whose both
-  halves raised;
+- **bisection** while failures are sparse: a batch of 64 with one raising item costs 7 to 12 calls
+  (a half that did not raise tells that its sibling does, so the sibling is split without a call);
+- **item by item** when many items fail (bisecting would cost up to 2n - 1 calls, one by one
+  costs n), decided from the recent batches' failure density;
 - **fail fast** once several batches in a row failed for every item: the batch's error goes to
   every item at once, and one probe call (the first item alone) per batch checks whether items
   succeed again; the first that does ends it.
@@ -62,31 +62,36 @@ class Isolator:
         if count == 1:
             raise AssertionError("a lone item needs no isolation")
         dense = self.dense
-        # Ranges still to call, the next on top.
-        stack: List[Tuple[int, int]] = []
+        # Ranges still to call, the next on top: (lo, hi, raises) where `raises` means the range is
+        # known to raise (its parent raised and its left sibling did not), so it is split at once
+        # instead of called: a lone raising item costs about log2(n) calls, not 2·log2(n). Only lone
+        # items are always called (their own exception is their answer), so a handler that raised
+        # for the whole batch but not for its parts still gets every item answered.
+        stack: List[Tuple[int, int, bool]] = []
         if dense:
-            stack = [(i, i + 1) for i in reversed(range(count))]
+            stack = [(i, i + 1, False) for i in reversed(range(count))]
         else:
-            mid = count // 2
-            stack = [(mid, count), (0, mid)]
+            stack = _halves(0, count)
         failed = 0
         while stack:
-            lo, hi = stack.pop()
+            lo, hi, raises = stack.pop()
+            if raises and hi - lo > 1:
+                stack.extend(_halves(lo, hi))
+                continue
             ok, value = yield lo, hi
             if ok:
                 assert not isinstance(value, BaseException)
                 out[lo:hi] = list(value)
+                if stack and stack[-1][0] == hi and _is_right_sibling(stack[-1], lo, hi):
+                    # Our parent raised and we did not: our sibling does.
+                    right = stack.pop()
+                    stack.append((right[0], right[1], True))
                 continue
             if hi - lo == 1:
                 out[lo] = Raised(value)
                 failed += 1
                 continue
-            if hi - lo <= 4:
-                # Bisecting 4 items costs up to 6 calls; one by one, 4.
-                stack.extend((i, i + 1) for i in reversed(range(lo, hi)))
-            else:
-                mid = (lo + hi) // 2
-                stack.extend([(mid, hi), (lo, mid)])
+            stack.extend(_halves(lo, hi))
         self._record(failed, count)
         return out
 
@@ -110,3 +115,17 @@ class Isolator:
         if self.fail_fast:
             self.fail_fast = False
             logger.warning("items succeed again: raising batches are isolated item by item again")
+
+
+def _halves(lo: int, hi: int) -> List[Tuple[int, int, bool]]:
+    """A raising range's halves, pushed right first so the left is called first; the left is not
+    known to raise (either may hold the culprit), the right is decided by the left's outcome."""
+    mid = (lo + hi) // 2
+    return [(mid, hi, False), (lo, mid, False)]
+
+
+def _is_right_sibling(entry: Tuple[int, int, bool], lo: int, hi: int) -> bool:
+    """`entry` is the right half of the range [lo, 2·hi - lo) split by ``_halves`` (same parent)."""
+    right_lo, right_hi, _ = entry
+    parent = (lo, right_hi)
+    return right_lo == hi and (parent[0] + parent[1]) // 2 == hi
