@@ -160,11 +160,13 @@ struct Deployment: Sendable {
     func run(on node: String, report: @Sendable (Step) -> Void) async {
         do {
             report(.checking)
-            let (status, _) = try await call(.GET, node + "/admin/v1/bundles/\(sha256)")
+            // Short deadlines until the node is known to answer: a dead node is reported in seconds,
+            // not after --timeout (the HTTP client keeps retrying a refused connection until then).
+            let (status, _) = try await call(.GET, node + "/admin/v1/bundles/\(sha256)", deadline: .seconds(10))
             var sent: Int?
             if status == 404 {
                 report(.uploading)
-                let (status, body) = try await call(.PUT, node + "/admin/v1/bundles/\(sha256)", body: data, type: "application/gzip")
+                let (status, body) = try await call(.PUT, node + "/admin/v1/bundles/\(sha256)", body: data, type: "application/gzip", deadline: .seconds(600))
                 guard status == 201 else { return report(.failed(Self.message(status, body))) }
                 sent = data.count
             } else if status != 200 {
@@ -173,7 +175,7 @@ struct Deployment: Sendable {
             report(.loading)
             struct Request: Encodable { var name: String; var bundle: String; var version: String; var workers: Int? }
             let body = try JSONEncoder().encode(Request(name: name, bundle: sha256, version: version, workers: workers))
-            let (deployed, answer) = try await call(.POST, node + "/admin/v1/deployments", body: body, type: "application/json")
+            let (deployed, answer) = try await call(.POST, node + "/admin/v1/deployments", body: body, type: "application/json", deadline: timeout)
             guard deployed == 200 else { return report(.failed(Self.message(deployed, answer))) }
             report(.ready(sent: sent))
         } catch {
@@ -181,7 +183,7 @@ struct Deployment: Sendable {
         }
     }
 
-    private func call(_ method: HTTPMethod, _ url: String, body: Data? = nil, type: String? = nil) async throws -> (UInt, Data) {
+    private func call(_ method: HTTPMethod, _ url: String, body: Data? = nil, type: String? = nil, deadline: Duration) async throws -> (UInt, Data) {
         var request = HTTPClientRequest(url: url)
         request.method = method
         if let token { request.headers.add(name: "Authorization", value: "Bearer \(token)") }
@@ -189,7 +191,7 @@ struct Deployment: Sendable {
             request.headers.add(name: "Content-Type", value: type)
             request.body = .bytes(ByteBuffer(data: body))
         }
-        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(timeout.components.seconds))
+        let response = try await HTTPClient.shared.execute(request, timeout: .seconds(deadline.components.seconds))
         let data = Data(buffer: try await response.body.collect(upTo: 16 << 20))
         return (response.status.code, data)
     }
