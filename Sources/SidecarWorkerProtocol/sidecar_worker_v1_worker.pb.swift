@@ -308,8 +308,9 @@ public nonisolated struct Sidecar_Worker_V1_BatchResult: Sendable {
   /// Extra handler calls the worker made to isolate the items that raise (0: none were needed).
   public var isolationCalls: UInt32 = 0
 
-  /// The worker did not isolate: the model's recent batches failed for every item, so each item got
-  /// the batch's error at once (one probe call checks whether items succeed again).
+  /// The worker did not isolate: the model's recent batches failed for every item, so each item gets
+  /// the batch's error at once (one probe call checks whether items succeed again). `batch_error` is
+  /// then that error, for every item: the supervisor does not bisect it.
   public var failFast: Bool = false
 
   public var unknownFields = SwiftProtobuf.UnknownStorage()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from types import TracebackType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .codec import BatchFailure, DecodedItems, check_results, decode_items, encode_outputs, item_error
 from .isolation import Isolator, Outcome, Plan, Raised
@@ -102,15 +103,34 @@ def _finish(batch: pb.Batch, decoded: DecodedItems, results: Any, seconds: float
     return result
 
 
+# Formatted stacks by the frames they show: a handler raising on many items raises from the same
+# lines each time, and formatting a stack (source lines, 3.11's position carets) costs a hundred
+# times what the rest of an item's error does. Bounded: cleared when full.
+_STACKS: Dict[Tuple[Tuple[Any, int], ...], str] = {}
+_STACKS_LIMIT = 256
+
+
+def _stack(tb: Optional[TracebackType]) -> str:
+    key = tuple((frame.f_code, line) for frame, line in traceback.walk_tb(tb))
+    text = _STACKS.get(key)
+    if text is None:
+        if len(_STACKS) >= _STACKS_LIMIT:
+            _STACKS.clear()
+        text = "".join(traceback.StackSummary.extract(traceback.walk_tb(tb)).format())
+        _STACKS[key] = text
+    return text
+
+
 def _format(exc: BaseException) -> pb.Error:
     tb = exc.__traceback__
-    # Drop this module's frame (the predict call) when the handler's own frames follow it.
-    if tb is not None and tb.tb_next is not None:
+    # Drop this module's frames (the predict call, the isolation driver) when the handler's own follow.
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
-    return pb.Error(
-        type=type(exc).__name__, message=str(exc), traceback="".join(traceback.format_exception(type(exc), exc, tb)),
-        kind=pb.HANDLER_RAISED,
+    text = "".join(traceback.format_exception(type(exc), exc, tb)) if exc.__cause__ or exc.__context__ else (
+        "Traceback (most recent call last):\n" + _stack(tb) + "".join(traceback.format_exception_only(type(exc), exc))
+        if tb is not None else "".join(traceback.format_exception_only(type(exc), exc))
     )
+    return pb.Error(type=type(exc).__name__, message=str(exc), traceback=text, kind=pb.HANDLER_RAISED)
 
 
 def _checked(batch: pb.Batch, results: Any, expected: int) -> Sequence[Any]:
@@ -156,6 +176,10 @@ def _every_item_failed(batch: pb.Batch, decoded: DecodedItems, exc: Exception, s
     so, since it may name another item of the batch."""
     error = _format(exc)
     error.message = f"{error.message} (the batch's error: the model's recent batches failed for every item, so items were not run alone)"
+    if not decoded.errors:
+        # One error for the supervisor to give every item (with fail_fast it does not bisect):
+        # 64 copies of a traceback cost more than the rest of the batch.
+        return pb.BatchResult(id=batch.id, batch_error=error, compute_seconds=seconds, isolation_calls=calls, fail_fast=True)
     errors = list(decoded.errors)
     for k in range(len(decoded.values)):
         errors.append(pb.ItemError(index=k if decoded.indices is None else decoded.indices[k], error=error))
@@ -193,30 +217,33 @@ def process_sync(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator]
     try:
         results = handler.predict(decoded.values)
     except Exception as exc:
-        if not _should_isolate(batch, decoded, isolator):
-            return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
-        assert isolator is not None
-        values = decoded.values
-        calls = 0
-        try:
-            if isolator.fail_fast:
-                calls += 1
-                probe_ok, _ = _outcome(lambda: handler.predict(values[:1]), batch, 1)
-                if not probe_ok:
-                    return _every_item_failed(batch, decoded, exc, time.perf_counter() - start, calls)
-                isolator.succeeded()
-            plan: Plan = isolator.plan(len(values))
-            lo, hi = next(plan)
-            while True:
-                calls += 1
-                lo, hi = plan.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
-        except StopIteration as done:
-            return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
-        except BatchFailure as failure:
-            return _wrong_result(batch, decoded, failure, time.perf_counter() - start, calls)
-    if isolator is not None:
-        isolator.succeeded()
-    return _finish(batch, decoded, results, time.perf_counter() - start)
+        failure = exc
+    else:
+        if isolator is not None:
+            isolator.succeeded()
+        return _finish(batch, decoded, results, time.perf_counter() - start)
+    if not _should_isolate(batch, decoded, isolator):
+        return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
+    # Outside the except block, so that the items' own exceptions are not chained to the batch's.
+    assert isolator is not None
+    values = decoded.values
+    calls = 0
+    try:
+        if isolator.fail_fast:
+            calls += 1
+            probe_ok, _ = _outcome(lambda: handler.predict(values[:1]), batch, 1)
+            if not probe_ok:
+                return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
+            isolator.succeeded()
+        plan: Plan = isolator.plan(len(values))
+        lo, hi = next(plan)
+        while True:
+            calls += 1
+            lo, hi = plan.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+    except StopIteration as done:
+        return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+    except BatchFailure as bad:
+        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, calls)
 
 
 async def _outcome_async(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
@@ -236,27 +263,29 @@ async def process_async(handler: Handler, batch: pb.Batch, isolator: Optional[Is
     try:
         results = await handler.predict(decoded.values)
     except Exception as exc:
-        if not _should_isolate(batch, decoded, isolator):
-            return _handler_raised(batch.id, exc, time.perf_counter() - start, decoded.errors)
-        assert isolator is not None
-        values = decoded.values
-        calls = 0
-        try:
-            if isolator.fail_fast:
-                calls += 1
-                probe_ok, _ = await _outcome_async(lambda: handler.predict(values[:1]), batch, 1)
-                if not probe_ok:
-                    return _every_item_failed(batch, decoded, exc, time.perf_counter() - start, calls)
-                isolator.succeeded()
-            plan: Plan = isolator.plan(len(values))
-            lo, hi = next(plan)
-            while True:
-                calls += 1
-                lo, hi = plan.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
-        except StopIteration as done:
-            return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
-        except BatchFailure as failure:
-            return _wrong_result(batch, decoded, failure, time.perf_counter() - start, calls)
-    if isolator is not None:
-        isolator.succeeded()
-    return _finish(batch, decoded, results, time.perf_counter() - start)
+        failure = exc
+    else:
+        if isolator is not None:
+            isolator.succeeded()
+        return _finish(batch, decoded, results, time.perf_counter() - start)
+    if not _should_isolate(batch, decoded, isolator):
+        return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
+    assert isolator is not None
+    values = decoded.values
+    calls = 0
+    try:
+        if isolator.fail_fast:
+            calls += 1
+            probe_ok, _ = await _outcome_async(lambda: handler.predict(values[:1]), batch, 1)
+            if not probe_ok:
+                return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
+            isolator.succeeded()
+        plan: Plan = isolator.plan(len(values))
+        lo, hi = next(plan)
+        while True:
+            calls += 1
+            lo, hi = plan.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+    except StopIteration as done:
+        return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+    except BatchFailure as bad:
+        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, calls)

@@ -51,7 +51,8 @@ enum BatchResultDecoder {
         if result.failFast {
             Counter(label: "sidecar_fail_fast_batches_total", dimensions: [("model", batcher.modelName)]).increment()
         }
-        if job.count > 1, batcher.retry, handlerRaised(result) {
+        // A fail-fast answer is the handler's error for every item, on purpose: not bisected.
+        if job.count > 1, batcher.retry, !result.failFast, handlerRaised(result) {
             logger.debug("a batch of \(job.count) raised \(result.batchError.type); splitting it to isolate the item(s)")
             batcher.bisect(job)
         } else {
