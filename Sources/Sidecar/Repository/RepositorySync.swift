@@ -140,7 +140,7 @@ public final class RepositorySync: Service, Sendable {
                     return state.waiting
                 }
                 // A graceful shutdown does not wait for a download or a poll under way.
-                try? await cancelWhenGracefulShutdown { await self.pass() }
+                await cancelWhenGracefulShutdown { await self.pass() }
                 let status = self.status
                 for waiter in waiters { waiter.resume(returning: status) }
             }
