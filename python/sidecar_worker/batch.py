@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from types import TracebackType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
 
 from .codec import BatchFailure, DecodedItems, check_results, decode_items, encode_outputs, item_error
 from .isolation import Isolator, Outcome, Plan, Raised
@@ -193,9 +193,9 @@ def _every_item_failed(batch: pb.Batch, decoded: DecodedItems, exc: Exception, s
     return result
 
 
-def _should_isolate(batch: pb.Batch, decoded: DecodedItems, isolator: Optional[Isolator]) -> bool:
+def _should_isolate(batch: pb.Batch, decoded: DecodedItems) -> bool:
     # A lone item's error is its own already; without `isolate` (retry: false) no item runs twice.
-    return isolator is not None and batch.isolate and len(decoded.values) > 1
+    return batch.isolate and len(decoded.values) > 1
 
 
 def _outcome(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
@@ -206,6 +206,29 @@ def _outcome(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome
     except Exception as exc:
         return (False, exc)
     return (True, _checked(batch, results, expected))
+
+
+def _isolation(batch: pb.Batch, decoded: DecodedItems, isolator: Isolator, failure: Exception, start: float) -> Generator[
+    Tuple[int, int], Outcome, pb.BatchResult
+]:
+    """The answer to a batch whose whole call raised, as a generator shared by the sync and async
+    drivers: it yields the bounds of each sub-batch to call (the fail-fast probe, then the plan's),
+    is sent each call's outcome, and returns the BatchResult."""
+    calls = 0
+    if isolator.fail_fast:
+        calls += 1
+        probe_ok, _ = yield 0, 1
+        if not probe_ok:
+            return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
+        isolator.succeeded()
+    plan: Plan = isolator.plan(len(decoded.values))
+    try:
+        bounds = next(plan)
+        while True:
+            calls += 1
+            bounds = plan.send((yield bounds))
+    except StopIteration as done:
+        return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
 
 
 def process_sync(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator] = None) -> pb.BatchResult:
@@ -222,28 +245,20 @@ def process_sync(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator]
         if isolator is not None:
             isolator.succeeded()
         return _finish(batch, decoded, results, time.perf_counter() - start)
-    if not _should_isolate(batch, decoded, isolator):
+    if isolator is None or not _should_isolate(batch, decoded):
         return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
     # Outside the except block, so that the items' own exceptions are not chained to the batch's.
-    assert isolator is not None
     values = decoded.values
-    calls = 0
+    steps = _isolation(batch, decoded, isolator, failure, start)
     try:
-        if isolator.fail_fast:
-            calls += 1
-            probe_ok, _ = _outcome(lambda: handler.predict(values[:1]), batch, 1)
-            if not probe_ok:
-                return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
-            isolator.succeeded()
-        plan: Plan = isolator.plan(len(values))
-        lo, hi = next(plan)
+        lo, hi = next(steps)
         while True:
-            calls += 1
-            lo, hi = plan.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+            lo, hi = steps.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
     except StopIteration as done:
-        return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+        result: pb.BatchResult = done.value
+        return result
     except BatchFailure as bad:
-        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, calls)
+        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, 0)
 
 
 async def _outcome_async(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
@@ -268,24 +283,16 @@ async def process_async(handler: Handler, batch: pb.Batch, isolator: Optional[Is
         if isolator is not None:
             isolator.succeeded()
         return _finish(batch, decoded, results, time.perf_counter() - start)
-    if not _should_isolate(batch, decoded, isolator):
+    if isolator is None or not _should_isolate(batch, decoded):
         return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
-    assert isolator is not None
     values = decoded.values
-    calls = 0
+    steps = _isolation(batch, decoded, isolator, failure, start)
     try:
-        if isolator.fail_fast:
-            calls += 1
-            probe_ok, _ = await _outcome_async(lambda: handler.predict(values[:1]), batch, 1)
-            if not probe_ok:
-                return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
-            isolator.succeeded()
-        plan: Plan = isolator.plan(len(values))
-        lo, hi = next(plan)
+        lo, hi = next(steps)
         while True:
-            calls += 1
-            lo, hi = plan.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+            lo, hi = steps.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
     except StopIteration as done:
-        return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+        result: pb.BatchResult = done.value
+        return result
     except BatchFailure as bad:
-        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, calls)
+        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, 0)
