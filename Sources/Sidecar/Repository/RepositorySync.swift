@@ -214,11 +214,15 @@ public final class RepositorySync: Service, Sendable {
     private func apply(_ manifest: RepositoryManifest) async -> Bool {
         var complete = true
         var retired: [(String, String)] = []
-        for name in manifest.models.keys.sorted() {
-            guard let entry = manifest.models[name] else { continue }
-            let (done, old) = await apply(entry, to: name)
-            complete = complete && done
-            retired += old
+        // Models at once: one model's cold environment build does not hold up the others.
+        await withTaskGroup(of: (Bool, [(String, String)]).self) { group in
+            for (name, entry) in manifest.models {
+                group.addTask { await self.apply(entry, to: name) }
+            }
+            for await (done, old) in group {
+                complete = complete && done
+                retired += old
+            }
         }
         // Models the manifest no longer has (only those this sync loaded: a model an operator
         // loaded by hand is theirs).
