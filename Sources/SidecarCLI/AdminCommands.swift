@@ -31,12 +31,16 @@ struct AdminArguments: ParsableArguments {
         guard let url = URL(string: base), url.scheme == "http" || url.scheme == "https", url.host != nil else {
             throw ValidationError("--server must be an http(s) URL such as http://127.0.0.1:8002, got '\(base)'")
         }
-        var token = environment["SIDECAR_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-        if let tokenFile {
-            do { token = try readAdminToken(file: tokenFile) } catch { throw reportFailure(error) }
-        }
-        return AdminClient(base: base.hasSuffix("/") ? String(base.dropLast()) : base, token: token)
+        return AdminClient(base: base.hasSuffix("/") ? String(base.dropLast()) : base, token: try adminToken(file: tokenFile))
     }
+}
+
+/// The admin bearer token: from `file` (`--token-file`), else `$SIDECAR_ADMIN_TOKEN`, else none.
+func adminToken(file: String?) throws -> String? {
+    if let file {
+        do { return try readAdminToken(file: file) } catch { throw reportFailure(error) }
+    }
+    return ProcessInfo.processInfo.environment["SIDECAR_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
 }
 
 /// A small client of the admin API (AsyncHTTPClient). Errors are printed the way a person can act

@@ -54,10 +54,7 @@ struct DeployCommand: AsyncParsableCommand {
     var timeout: Int = 600
 
     func run() async throws {
-        var token = ProcessInfo.processInfo.environment["SIDECAR_ADMIN_TOKEN"].flatMap { $0.isEmpty ? nil : $0 }
-        if let tokenFile {
-            do { token = try readAdminToken(file: tokenFile) } catch { throw reportFailure(error) }
-        }
+        let token = try adminToken(file: tokenFile)
         let targets = try Self.resolve(nodes)
         let bundle: ModelBundle
         let packed: (data: Data, sha256: String)

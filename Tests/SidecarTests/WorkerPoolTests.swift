@@ -187,6 +187,56 @@ import Glibc
         }
     }
 
+    /// A raising batch is isolated inside the worker (issue 20): one round trip answers every item,
+    /// each raising item with its own exception, where the supervisor's bisection took a dozen.
+    @Test func aRaisingBatchIsIsolatedInTheWorkerInOneRoundTrip() async throws {
+        let handler = """
+            def predict(batch):
+                for item in batch:
+                    if item % 17 == 5:
+                        raise ValueError(f"item {item} is bad")
+                return batch
+            """
+        try await withTestModel(["handler.py": handler, "sidecar.yaml": "batching: {max_batch_size: 64}\n"]) { model in
+            let before = model.batchStatistics.batches
+            let results = try await model.predict(batch: (0..<64).map { Fixtures.json("\($0)") })
+            #expect(model.batchStatistics.batches - before == 1, "the worker answered the batch whole; the supervisor split nothing")
+            for (item, result) in results.enumerated() {
+                if item % 17 == 5 {
+                    guard case .failure(let error) = result else { Issue.record("item \(item) must fail"); continue }
+                    #expect(error.message == "item \(item) is bad" && error.kind == .handlerError)
+                    #expect(error.traceback?.contains("ValueError") == true)
+                } else {
+                    #expect(try result.get().json == "\(item)")
+                }
+            }
+        }
+    }
+
+    /// With `retry: false` no item runs twice: the worker does not isolate, every item gets the
+    /// batch's error, and the handler saw each item once (it writes down what it ran).
+    @Test func withoutRetryARaisingBatchRunsNoItemTwice() async throws {
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-ran-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: log) }
+        let handler = """
+            def predict(batch):
+                with open(\(String(reflecting: log.path)), "a") as ran:
+                    ran.write("".join(f"{item}\\n" for item in batch))
+                if 3 in batch:
+                    raise ValueError("3 is bad")
+                return batch
+            """
+        try await withTestModel(["handler.py": handler, "sidecar.yaml": "retry: false\nbatching: {max_batch_size: 16}\n"]) { model in
+            let results = try await model.predict(batch: (0..<16).map { Fixtures.json("\($0)") })
+            for result in results {
+                guard case .failure(let error) = result else { Issue.record("every item gets the batch's error"); continue }
+                #expect(error.message == "3 is bad")
+            }
+            let ran = try String(contentsOf: log, encoding: .utf8).split(separator: "\n")
+            #expect(ran.count == 16 && Set(ran).count == 16, "each item ran once: \(ran)")
+        }
+    }
+
     /// An input the worker cannot decode is the caller's error (the front answers 400), not the model's.
     @Test func undecodableInputIsTheCallersError() async throws {
         try await withTestModel(["handler.py": "def predict(batch):\n    return batch\n"]) { model in

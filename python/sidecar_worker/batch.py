@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 from types import TracebackType
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Generator, List, Optional, Sequence, Tuple
 
 from .codec import BatchFailure, DecodedItems, check_results, decode_items, encode_outputs, item_error
 from .isolation import Isolator, Outcome, Plan, Raised
@@ -19,7 +19,7 @@ from .proto import worker_pb2 as pb
 from .tensors import TensorError, decode_tensor_item, encode_tensor_outputs, load_numpy, split_rows
 
 
-def _handler_raised(batch_id: int, exc: Exception, seconds: float, errors: List[pb.ItemError]) -> pb.BatchResult:
+def _handler_raised(batch_id: int, exc: BaseException, seconds: float, errors: List[pb.ItemError]) -> pb.BatchResult:
     return pb.BatchResult(id=batch_id, item_errors=errors, batch_error=_format(exc), compute_seconds=seconds)
 
 
@@ -171,7 +171,7 @@ def _isolated(batch: pb.Batch, decoded: DecodedItems, out: List[Any], seconds: f
     return result
 
 
-def _every_item_failed(batch: pb.Batch, decoded: DecodedItems, exc: Exception, seconds: float, calls: int) -> pb.BatchResult:
+def _every_item_failed(batch: pb.Batch, decoded: DecodedItems, exc: BaseException, seconds: float, calls: int) -> pb.BatchResult:
     """Fail fast: the batch's error for every item, formatted once, no isolation; the message says
     so, since it may name another item of the batch."""
     error = _format(exc)
@@ -198,101 +198,80 @@ def _should_isolate(batch: pb.Batch, decoded: DecodedItems) -> bool:
     return batch.isolate and len(decoded.values) > 1
 
 
-def _outcome(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
-    """A sub-batch's call: (False, what it raised), or (True, its checked results); raises
-    `BatchFailure` for a wrong-length or wrong-type return (the batch then fails as a whole)."""
-    try:
-        results = call()
-    except Exception as exc:
-        return (False, exc)
-    return (True, _checked(batch, results, expected))
+# What a batch's processing yields: the items of the next handler call (the whole batch first, then
+# the fail-fast probe and the isolation plan's sub-batches); what it is sent: (True, what the call
+# returned) or (False, what it raised); what it returns: the BatchResult.
+Steps = Generator[List[Any], Outcome, pb.BatchResult]
 
 
-def _isolation(batch: pb.Batch, decoded: DecodedItems, isolator: Isolator, failure: Exception, start: float) -> Generator[
-    Tuple[int, int], Outcome, pb.BatchResult
-]:
-    """The answer to a batch whose whole call raised, as a generator shared by the sync and async
-    drivers: it yields the bounds of each sub-batch to call (the fail-fast probe, then the plan's),
-    is sent each call's outcome, and returns the BatchResult."""
+def _steps(batch: pb.Batch, isolator: Optional[Isolator]) -> Steps:
+    """One batch, from decoding to its BatchResult, with every handler call left to the driver
+    (``process_sync`` or ``process_async``), so sync and async handlers share all of it. Calls
+    after the first are made outside the driver's ``except`` block, so an item's own exception is
+    not chained to the batch's."""
+    decoded = _decode(batch)
+    empty = _nothing_to_predict(batch, decoded)
+    if empty is not None:
+        return empty
+    start = time.perf_counter()
+    ok, value = yield decoded.values
+    if ok:
+        if isolator is not None:
+            isolator.succeeded()
+        return _finish(batch, decoded, value, time.perf_counter() - start)
+    failure = value
+    assert isinstance(failure, BaseException)
+    if isolator is None or not _should_isolate(batch, decoded):
+        return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
+    values = decoded.values
     calls = 0
-    if isolator.fail_fast:
-        calls += 1
-        probe_ok, _ = yield 0, 1
-        if not probe_ok:
-            return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
-        isolator.succeeded()
-    plan: Plan = isolator.plan(len(decoded.values))
     try:
-        bounds = next(plan)
+        if isolator.fail_fast:
+            calls += 1
+            probe_ok, probe = yield values[:1]
+            if not probe_ok:
+                return _every_item_failed(batch, decoded, failure, time.perf_counter() - start, calls)
+            _checked(batch, probe, 1)
+            isolator.succeeded()
+        plan: Plan = isolator.plan(len(values))
+        lo, hi = next(plan)
         while True:
             calls += 1
-            bounds = plan.send((yield bounds))
+            ok, value = yield values[lo:hi]
+            lo, hi = plan.send((True, _checked(batch, value, hi - lo)) if ok else (False, value))
     except StopIteration as done:
         return _isolated(batch, decoded, done.value, time.perf_counter() - start, calls)
+    except BatchFailure as bad:
+        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, calls)
 
 
 def process_sync(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator] = None) -> pb.BatchResult:
-    decoded = _decode(batch)
-    empty = _nothing_to_predict(batch, decoded)
-    if empty is not None:
-        return empty
-    start = time.perf_counter()
+    steps = _steps(batch, isolator)
     try:
-        results = handler.predict(decoded.values)
-    except Exception as exc:
-        failure = exc
-    else:
-        if isolator is not None:
-            isolator.succeeded()
-        return _finish(batch, decoded, results, time.perf_counter() - start)
-    if isolator is None or not _should_isolate(batch, decoded):
-        return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
-    # Outside the except block, so that the items' own exceptions are not chained to the batch's.
-    values = decoded.values
-    steps = _isolation(batch, decoded, isolator, failure, start)
-    try:
-        lo, hi = next(steps)
+        items = next(steps)
         while True:
-            lo, hi = steps.send(_outcome(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+            outcome: Outcome
+            try:
+                outcome = (True, handler.predict(items))
+            except Exception as exc:
+                outcome = (False, exc)
+            items = steps.send(outcome)
     except StopIteration as done:
         result: pb.BatchResult = done.value
         return result
-    except BatchFailure as bad:
-        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, 0)
-
-
-async def _outcome_async(call: Callable[[], Any], batch: pb.Batch, expected: int) -> Outcome:
-    try:
-        results = await call()
-    except Exception as exc:
-        return (False, exc)
-    return (True, _checked(batch, results, expected))
 
 
 async def process_async(handler: Handler, batch: pb.Batch, isolator: Optional[Isolator] = None) -> pb.BatchResult:
-    decoded = _decode(batch)
-    empty = _nothing_to_predict(batch, decoded)
-    if empty is not None:
-        return empty
-    start = time.perf_counter()
+    steps = _steps(batch, isolator)
     try:
-        results = await handler.predict(decoded.values)
-    except Exception as exc:
-        failure = exc
-    else:
-        if isolator is not None:
-            isolator.succeeded()
-        return _finish(batch, decoded, results, time.perf_counter() - start)
-    if isolator is None or not _should_isolate(batch, decoded):
-        return _handler_raised(batch.id, failure, time.perf_counter() - start, decoded.errors)
-    values = decoded.values
-    steps = _isolation(batch, decoded, isolator, failure, start)
-    try:
-        lo, hi = next(steps)
+        items = next(steps)
         while True:
-            lo, hi = steps.send(await _outcome_async(lambda: handler.predict(values[lo:hi]), batch, hi - lo))
+            outcome: Outcome
+            try:
+                outcome = (True, await handler.predict(items))
+            except Exception as exc:
+                outcome = (False, exc)
+            items = steps.send(outcome)
     except StopIteration as done:
         result: pb.BatchResult = done.value
         return result
-    except BatchFailure as bad:
-        return _wrong_result(batch, decoded, bad, time.perf_counter() - start, 0)

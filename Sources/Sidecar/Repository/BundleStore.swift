@@ -17,6 +17,11 @@ public struct BundleStore: Sendable {
 
     func unpackedURL(_ sha256: String) -> URL { root.appendingPathComponent(sha256) }
 
+    /// A fresh directory to build a bundle in before ``place(_:as:)`` renames it into place.
+    private func stagingURL(_ sha256: String) -> URL {
+        root.appendingPathComponent(".staging-\(sha256.prefix(12))-\(UInt64.random(in: 0...UInt64.max))")
+    }
+
     /// The fetched archive of `sha256`, if this node has it (what `/repository/bundles/` serves).
     public func archive(_ sha256: String) -> URL? {
         guard RepositoryManifest.isSHA256(sha256) else { return nil }
@@ -61,8 +66,7 @@ public struct BundleStore: Sendable {
         for sha256: String, files: String? = nil, from source: any RepositorySource, attempts: Int = 4, logger: Logger,
         fetched: (Int) -> Void = { _ in }
     ) async throws -> URL {
-        let unpacked = unpackedURL(sha256)
-        if let found = Self.modelDirectory(in: unpacked) { return found }
+        if let found = directory(for: sha256) { return found }
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
         if let files {
             do {
@@ -129,7 +133,7 @@ public struct BundleStore: Sendable {
             try RepositoryPublisher.writeAtomically(data, to: cached)
             chmod(cached.path, 0o444)
         }
-        let staging = root.appendingPathComponent(".staging-\(sha256.prefix(12))-\(UInt64.random(in: 0...UInt64.max))")
+        let staging = stagingURL(sha256)
         defer { try? FileManager.default.removeItem(at: staging) }
         try FileManager.default.createDirectory(at: staging, withIntermediateDirectories: false)
         for entry in index.entries {
@@ -150,6 +154,12 @@ public struct BundleStore: Sendable {
             }
         }
         try RepositoryPublisher.writeAtomically(indexData, to: root.appendingPathComponent("\(sha256).files.json"))
+        return try place(staging, as: sha256)
+    }
+
+    /// Renames a complete staging directory to the bundle's place; returns its model directory.
+    /// Another node sharing this cache may have won the rename: its copy is as good as ours.
+    private func place(_ staging: URL, as sha256: String) throws -> URL {
         let unpacked = unpackedURL(sha256)
         if rename(staging.path, unpacked.path) != 0, !FileManager.default.fileExists(atPath: unpacked.path) {
             throw SidecarError(.unavailable, "cannot move the bundle to \(unpacked.path): \(String(cString: strerror(errno)))")
@@ -168,19 +178,11 @@ public struct BundleStore: Sendable {
         }
         if let found = directory(for: sha256) { return found }
         try FileManager.default.createDirectory(at: root, withIntermediateDirectories: true)
-        let unpacked = unpackedURL(sha256)
-        let staging = root.appendingPathComponent(".staging-\(sha256.prefix(12))-\(UInt64.random(in: 0...UInt64.max))")
+        let staging = stagingURL(sha256)
         defer { try? FileManager.default.removeItem(at: staging) }
         _ = try await BundleArchive.unpack(data, sha256: sha256, into: staging, limits: limits)
         try RepositoryPublisher.writeAtomically(data, to: root.appendingPathComponent("\(sha256).tar.gz"))
-        if rename(staging.path, unpacked.path) != 0, !FileManager.default.fileExists(atPath: unpacked.path) {
-            throw SidecarError(.unavailable, "cannot move the unpacked bundle to \(unpacked.path): \(String(cString: strerror(errno)))")
-        }
-        // Another node sharing this cache may have won the rename: its copy is as good as ours.
-        guard let found = Self.modelDirectory(in: unpacked) else {
-            throw SidecarError(.invalidInput, "bundle \(sha256.prefix(12))… holds no model directory (no sidecar.yaml or handler.py)")
-        }
-        return found
+        return try place(staging, as: sha256)
     }
 
     /// The model directory inside an unpacked bundle: the root, or its one top-level directory.
