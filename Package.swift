@@ -41,6 +41,13 @@ let package = Package(
             pkgConfig: "python3-embed",
             providers: [.apt(["libpython3.11-dev"])]
         ),
+        // Debian's hiredis (libhiredis-dev), the Redis client of the inbox/outbox front.
+        .systemLibrary(
+            name: "CHiredis",
+            path: "Sources/CHiredis",
+            pkgConfig: "hiredis",
+            providers: [.apt(["libhiredis-dev"])]
+        ),
         // Generated from proto/sidecar/worker/v1/worker.proto by scripts/generate-protos.sh.
         .target(
             name: "SidecarWorkerProtocol",
@@ -87,6 +94,7 @@ let package = Package(
             dependencies: [
                 "Sidecar",
                 "SidecarOIPProtocol",
+                "CHiredis",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "GRPCCore", package: "grpc-swift-2"),
                 .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),

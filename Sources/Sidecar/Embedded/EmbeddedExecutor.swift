@@ -84,7 +84,7 @@ final class EmbeddedExecutor: Executor {
 
     private let state = Mutex(State())
     private let readiness = Readiness()
-    private let thread: PythonThread
+    private let thread: DedicatedThread
     private let status: LockedBox<WorkerStatus>
     private let computeTime: Metrics.Timer
 
@@ -99,7 +99,7 @@ final class EmbeddedExecutor: Executor {
         self.faultLog = faultLog
         self.logger = logger
         self.interpreter = interpreter
-        self.thread = PythonThread(name: "sidecar-embedded-\(spec.model)".prefix(15).description)
+        self.thread = DedicatedThread(name: "sidecar-embedded-\(spec.model)".prefix(15).description, spin: DedicatedThread.pythonSpin)
         var status = WorkerStatus(index: 0)
         status.pid = getpid()
         self.status = LockedBox(status)

@@ -42,7 +42,7 @@ final class EmbeddedInterpreter: Sendable {
     }
 
     private let state = Mutex(State())
-    private let service = PythonThread(name: "sidecar-python")
+    private let service = DedicatedThread(name: "sidecar-python", spin: DedicatedThread.pythonSpin)
 
     /// The Python version, once started.
     var version: String? { state.withLock { $0.started?.version } }

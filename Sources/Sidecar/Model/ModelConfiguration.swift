@@ -34,6 +34,8 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var outputs: [TensorSpec] = []
     /// Where the handler runs (`executor:`): worker processes (default) or inside the server.
     public var executor: ExecutorKind = .process
+    /// Requests also come from a broker's inbox, results go to its outbox (`inbox:`).
+    public var inbox: InboxConfiguration?
 
     /// `executor:` in `sidecar.yaml`.
     public enum ExecutorKind: String, Sendable, Equatable, CaseIterable {
@@ -148,6 +150,11 @@ public struct ModelConfiguration: Sendable, Equatable {
             timeouts: Timeouts(), maxRetries: 2, python: Python(), handlerConfig: JSONValue(trusted: Data("{}".utf8)))
     }
 
+    /// Reads the `inboxes.MODEL` block of the server's configuration file at `file`.
+    public static func parseInbox(_ node: Yams.Node, key: String, file: String) throws -> InboxConfiguration {
+        try ConfigReader(file: file, code: .invalidConfiguration).inbox(node, key: key)
+    }
+
     /// Parses `yaml`, the text of the file at `file` (named in errors).
     public static func parse(yaml: String, file: String, defaultName: String) throws -> ModelConfiguration {
         var parser = ConfigReader(file: file)
@@ -158,11 +165,13 @@ public struct ModelConfiguration: Sendable, Equatable {
 /// Walks the YAML tree with the path of the current key, so every error can say where it is.
 private struct ConfigReader {
     let file: String
+    /// `invalidModel` for a `sidecar.yaml`, `invalidConfiguration` for the server's file.
+    var code: SidecarError.Code = .invalidModel
 
     func fail(_ key: String, _ expected: String, got node: Yams.Node?) -> SidecarError {
         let line = node?.mark.map { " (line \($0.line))" } ?? ""
         let got = node.map { " got \(describe($0))" } ?? ""
-        return SidecarError(.invalidModel, "\(file)\(line): '\(key)' must be \(expected);\(got)")
+        return SidecarError(code, "\(file)\(line): '\(key)' must be \(expected);\(got)")
     }
 
     func describe(_ node: Yams.Node) -> String {
@@ -185,7 +194,7 @@ private struct ConfigReader {
             guard allowed.contains(name) else {
                 let line = k.mark.map { " (line \($0.line))" } ?? ""
                 throw SidecarError(
-                    .invalidModel,
+                    code,
                     "\(file)\(line): unknown key '\(path)'; expected one of: \(allowed.joined(separator: ", "))")
             }
             pairs.append((name, v))
@@ -217,6 +226,41 @@ private struct ConfigReader {
         return milliseconds ? .microseconds(Int64(value * 1000)) : .milliseconds(Int64(value * 1000))
     }
 
+    /// An `inbox:` block (``InboxConfiguration``), in a `sidecar.yaml` or the server's `inboxes:`.
+    func inbox(_ node: Yams.Node, key: String) throws -> InboxConfiguration {
+        var broker: String?
+        var stream: String?
+        var outbox: String?
+        var settings = InboxConfiguration(broker: "", stream: "", outbox: "")
+        for (k, v) in try mapping(node, key: key, allowed: InboxConfiguration.keys) {
+            let path = "\(key).\(k)"
+            switch k {
+            case "broker":
+                let url = try string(v, key: path)
+                guard url.hasPrefix("redis://") else { throw fail(path, "a redis://[:password@]host[:port][/db] URL (Redis Streams is the broker)", got: v) }
+                broker = url
+            case "stream": stream = try string(v, key: path)
+            case "outbox": outbox = try string(v, key: path)
+            case "group": settings.group = try string(v, key: path)
+            case "consumer": settings.consumer = try string(v, key: path)
+            case "dead_letter": settings.deadLetter = try string(v, key: path)
+            case "max_deliveries": settings.maxDeliveries = try int(v, key: path, range: 1...1_000)
+            case "claim_idle_s": settings.claimIdle = try seconds(v, key: path)
+            default: settings.maxInFlight = try int(v, key: path, range: 1...1_000_000)  // max_in_flight
+            }
+        }
+        for (name, value) in [("broker", broker), ("stream", stream), ("outbox", outbox)] where value == nil {
+            throw SidecarError(code, "\(file): '\(key).\(name)' is required (the inbox needs broker, stream and outbox)")
+        }
+        settings.broker = broker!
+        settings.stream = stream!
+        settings.outbox = outbox!
+        guard settings.outbox != settings.stream, settings.deadLetterStream != settings.stream else {
+            throw SidecarError(code, "\(file): '\(key).outbox' and '\(key).dead_letter' must differ from '\(key).stream'")
+        }
+        return settings
+    }
+
     mutating func read(yaml: String, defaultName: String) throws -> ModelConfiguration {
         var config = ModelConfiguration.defaults(name: defaultName)
         let root: Yams.Node?
@@ -228,7 +272,7 @@ private struct ConfigReader {
         guard let root else { return config }  // an empty file means all defaults
         let top = [
             "name", "handler", "workers", "max_retries", "retry", "restart_policy", "recycle", "batching", "timeouts", "python",
-            "config", "inputs", "outputs", "executor",
+            "config", "inputs", "outputs", "executor", "inbox",
         ]
         for (key, value) in try mapping(root, key: "", allowed: top) {
             switch key {
@@ -330,6 +374,8 @@ private struct ConfigReader {
                     throw fail(key, "one of \(ModelConfiguration.ExecutorKind.allCases.map(\.rawValue).joined(separator: ", "))", got: value)
                 }
                 config.executor = kind
+            case "inbox":
+                config.inbox = try inbox(value, key: key)
             case "inputs", "outputs":
                 let specs = try tensorSpecs(value, key: key)
                 if key == "inputs" { config.inputs = specs } else { config.outputs = specs }

@@ -17,6 +17,8 @@ struct HTTPFront: Sendable {
     /// With `serve --repository`: this node's repository sync, whose manifest and bundles it serves
     /// read-only at `/repository/`, so other nodes can fetch from it.
     var repository: RepositorySync? = nil
+    /// The inboxes, for `/status`.
+    var inboxes: InboxService? = nil
 
     static let inferenceHeaderLength = HTTPField.Name("Inference-Header-Content-Length")!
 
@@ -37,7 +39,7 @@ struct HTTPFront: Sendable {
         router.post("v2/models/{model}/infer") { request, context in try await infer(request, context) }
         router.post("v2/models/{model}/versions/{version}/infer") { request, context in try await infer(request, context) }
         router.post("v1/models/{spec}") { request, context in try await predictV1(request, context) }
-        router.get("status") { _, _ in json(StatusReport.host(host, repository: repository)) }
+        router.get("status") { _, _ in json(StatusReport.host(host, repository: repository, inboxes: inboxes)) }
         router.get("status/{model}") { _, context in
             let name = try context.parameters.require("model")
             guard let model = host.model(named: name) else {

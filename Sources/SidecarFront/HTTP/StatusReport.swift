@@ -67,6 +67,8 @@ struct StatusReport: Encodable {
     var models: [ModelStatus]
     /// With a repository (`serve --repository`): what this node synced, and why anything is missing.
     @ExplicitNull var repository: RepositoryStatus?
+    /// The inboxes this node reads (`inboxes:` or a model's `inbox:`).
+    var inboxes: [InboxStatus] = []
 
     static func model(_ model: Model, host: ModelHost? = nil) -> ModelStatus {
         let (state, reason, detail): (String, String?, String?) = switch model.state {
@@ -88,7 +90,7 @@ struct StatusReport: Encodable {
             })
     }
 
-    static func host(_ host: ModelHost, repository: RepositorySync? = nil) -> StatusReport {
-        StatusReport(models: host.loadedModels.map { model($0, host: host) }, repository: repository?.status)
+    static func host(_ host: ModelHost, repository: RepositorySync? = nil, inboxes: InboxService? = nil) -> StatusReport {
+        StatusReport(models: host.loadedModels.map { model($0, host: host) }, repository: repository?.status, inboxes: inboxes?.statuses ?? [])
     }
 }

@@ -26,6 +26,7 @@ public enum ServerConfigurationFile {
         let keys = [
             "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
             "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes", "repository",
+            "inboxes",
         ]
         func fail(_ key: String, _ expected: String) -> SidecarError {
             SidecarError(.invalidConfiguration, "\(path): '\(key)' must be \(expected)")
@@ -95,6 +96,13 @@ public enum ServerConfigurationFile {
                     guard configuration.repository != nil else { throw fail("repository.source", "set (a directory or an http(s) URL)") }
                 } else {
                     throw fail(key, "a directory, an http(s) URL, or a mapping with source, poll_interval_s, keep_versions")
+                }
+            case "inboxes":
+                // `inboxes: {MODEL: {broker, stream, outbox, ...}}`
+                guard let byModel = v.mapping else { throw fail(key, "a mapping of model names to inbox settings (broker, stream, outbox, ...)") }
+                for (name, settings) in byModel {
+                    guard let model = name.string, ModelConfiguration.isValidName(model) else { throw fail(key, "a mapping whose keys are model names") }
+                    configuration.inboxes[model] = try ModelConfiguration.parseInbox(settings, key: "inboxes.\(model)", file: path)
                 }
             default: pipArgs = try strings(v, key)
             }

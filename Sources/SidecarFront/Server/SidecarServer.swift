@@ -40,6 +40,8 @@ public struct ServerConfiguration: Sendable {
     public var repositoryPollInterval: Duration = .seconds(10)
     /// Bundles kept on disk per model beyond those loaded (its most recent versions, for rollback).
     public var keepVersions = 3
+    /// Inboxes by model name (`inboxes:`), over what the models' own `sidecar.yaml` say.
+    public var inboxes: [String: InboxConfiguration] = [:]
 
     /// A relative repository directory is relative to the configuration file; a URL stays as it is.
     public static func resolveRepository(_ source: String, base: URL) -> String {
@@ -92,10 +94,13 @@ public func runServer(
             pollInterval: configuration.repositoryPollInterval, keep: configuration.keepVersions, logger: logger)
     }
     let readiness = ServerReadiness(host: host, repository: sync)
+    try InboxService.check(configuration.inboxes)
+    let inboxes = InboxService(
+        host: host, configured: configuration.inboxes, readiness: readiness, requireConfiguredModels: configuration.repository == nil, logger: logger)
     let ports = PortReport(expectAdmin: configuration.adminPort != nil, onListening)
 
     let http = Application(
-        router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync).router(),
+        router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync, inboxes: inboxes).router(),
         configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar"),
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
@@ -128,6 +133,9 @@ public func runServer(
             onServerRunning: { channel in ports.admin(channel.localAddress?.port ?? adminPort) },
             logger: logger)))
     }
+    // Last, so that a graceful shutdown stops the inboxes first: what they read is answered and
+    // published while the models still serve.
+    services.append(.init(service: inboxes))
     let group = ServiceGroup(
         configuration: .init(
             services: services,
@@ -171,6 +179,9 @@ final class ServerReadiness: Sendable {
     }
 
     func markLoaded() { loaded.withLock { $0 = true } }
+
+    /// The models the server was started with have loaded.
+    var hasLoaded: Bool { loaded.withLock { $0 } }
 
     /// A FAILED model does not make the server unready: it refuses its own requests (503) and says
     /// why, while the server's other models serve; otherwise one crash-looping model would take every
