@@ -24,6 +24,8 @@ struct AdminFront: Sendable {
     /// Bundles by sha256 (shared with the repository sync): what `sidecar deploy` pushes.
     var store: BundleStore? = nil
     let bundleLimits: BundleArchive.Limits
+    /// Scoring jobs over files, started here.
+    var jobs = ScoringJobs()
 
     static let sha256Header = HTTPField.Name("Sidecar-Bundle-Sha256")!
 
@@ -60,6 +62,17 @@ struct AdminFront: Sendable {
         }
         router.put("admin/v1/bundles/{sha256}") { request, context in try await store(request, context) }
         router.post("admin/v1/deployments") { request, _ in try await deploy(request) }
+        router.post("admin/v1/jobs") { request, _ in
+            let entry = try jobs.start(try AdminJobRequest.decode(try await body(request, what: "job")), host: host)
+            return json(AdminJobStatus(entry), status: .accepted)
+        }
+        router.get("admin/v1/jobs") { _, _ in json(["jobs": jobs.all.map(AdminJobStatus.init)]) }
+        router.get("admin/v1/jobs/{job}") { _, context in json(AdminJobStatus(try jobs.entry(try context.parameters.require("job")))) }
+        router.delete("admin/v1/jobs/{job}") { _, context in
+            let entry = try jobs.entry(try context.parameters.require("job"))
+            entry.job.cancel()
+            return json(AdminJobStatus(entry), status: .accepted)
+        }
         router.post("admin/v1/repository/sync") { _, _ in
             guard let repository else {
                 throw FrontError(.notFound, "this server has no model repository (start it with --repository DIR-OR-URL)")
@@ -271,7 +284,7 @@ struct AdminScaleRequest: Decodable {
     }
 }
 
-private func decodeAdminBody<T: Decodable>(_ body: Data, what: String) throws -> T {
+func decodeAdminBody<T: Decodable>(_ body: Data, what: String) throws -> T {
     do {
         return try JSONDecoder().decode(T.self, from: body)
     } catch let error as DecodingError {

@@ -1,0 +1,176 @@
+import Foundation
+import Synchronization
+
+/// A batch job's working directory, `<output>.job/`: `job.json` (what the job is: the input's
+/// path, size and modification time, the format, the span size, the id field), one
+/// `span-N.out`/`span-N.err` pair per finished span, and `journal.jsonl`, one line per finished
+/// span appended (and synced) only after its parts are in place. A span the journal lists is done;
+/// anything else is redone. `finish` joins the parts in order into the output and errors files,
+/// each through a temporary file renamed into place, then removes the directory.
+final class JobJournal: Sendable {
+    struct Finished: Codable, Sendable {
+        var span: Int
+        var ok: Int
+        var failed: Int
+    }
+
+    struct Identity: Codable, Equatable {
+        var input: String
+        var size: Int
+        var modified: Double
+        var format: String
+        var spanLines: Int
+        var idField: String
+
+        enum CodingKeys: String, CodingKey {
+            case input, size, modified, format, spanLines = "span_lines", idField = "id_field"
+        }
+    }
+
+    let spec: ScoringJobSpec
+    let directory: URL
+    /// Spans an earlier run finished.
+    let finished: [Int: Finished]
+    private let journal: Mutex<FileHandle>
+
+    init(spec: ScoringJobSpec) throws {
+        self.spec = spec
+        let fm = FileManager.default
+        directory = URL(fileURLWithPath: spec.jobDirectory)
+        let identity = try Self.identity(spec)
+        let jobFile = directory.appendingPathComponent("job.json")
+        let journalFile = directory.appendingPathComponent("journal.jsonl")
+        var finished: [Int: Finished] = [:]
+        if fm.fileExists(atPath: directory.path) {
+            guard spec.resume else {
+                throw SidecarError(
+                    .conflict,
+                    "\(directory.path) holds an unfinished job for \(spec.output); pass --resume (\"resume\": true) to continue it, or delete it to start over")
+            }
+            guard let data = fm.contents(atPath: jobFile.path), let earlier = try? JSONDecoder().decode(Identity.self, from: data) else {
+                throw SidecarError(.conflict, "\(jobFile.path) is missing or unreadable; delete \(directory.path) to start over")
+            }
+            if let change = Self.difference(earlier, identity) {
+                throw SidecarError(.conflict, "cannot resume \(spec.output): \(change) since the job started; delete \(directory.path) to start over")
+            }
+            if let text = try? String(contentsOf: journalFile, encoding: .utf8) {
+                // A line cut short by a crash is not a finished span.
+                for line in text.split(separator: "\n") {
+                    if let entry = try? JSONDecoder().decode(Finished.self, from: Data(line.utf8)),
+                        fm.fileExists(atPath: Self.part(directory, entry.span, "out").path),
+                        fm.fileExists(atPath: Self.part(directory, entry.span, "err").path)
+                    {
+                        finished[entry.span] = entry
+                    }
+                }
+            }
+        } else {
+            try fm.createDirectory(at: directory, withIntermediateDirectories: false)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+            try Self.writeAtomically(try encoder.encode(identity), to: jobFile)
+        }
+        if !fm.fileExists(atPath: journalFile.path) { fm.createFile(atPath: journalFile.path, contents: nil) }
+        guard let handle = FileHandle(forWritingAtPath: journalFile.path) else {
+            throw SidecarError(.invalidInput, "cannot write the job journal \(journalFile.path)")
+        }
+        handle.seekToEndOfFile()
+        self.journal = Mutex(handle)
+        self.finished = finished
+    }
+
+    /// Writes a finished span's parts, then journals it.
+    func commit(span: Int, output: [UInt8], errors: [UInt8], ok: Int, failed: Int) throws {
+        try Self.writeAtomically(Data(output), to: Self.part(directory, span, "out"))
+        try Self.writeAtomically(Data(errors), to: Self.part(directory, span, "err"))
+        var line = try JSONEncoder().encode(Finished(span: span, ok: ok, failed: failed))
+        line.append(0x0A)
+        try journal.withLock { handle in
+            try handle.write(contentsOf: line)
+            try handle.synchronize()
+        }
+    }
+
+    /// Joins the parts of spans 0..<spans into the output and errors files, then removes the job.
+    func finish(spans: Int) throws {
+        try join(spans, "out", into: spec.output)
+        try join(spans, "err", into: spec.errorsPath)
+        try? journal.withLock { try $0.close() }
+        try FileManager.default.removeItem(at: directory)
+    }
+
+    private func join(_ spans: Int, _ kind: String, into path: String) throws {
+        let target = URL(fileURLWithPath: path)
+        let temporary = target.deletingLastPathComponent().appendingPathComponent(".\(target.lastPathComponent).tmp-\(getpid())")
+        FileManager.default.createFile(atPath: temporary.path, contents: nil)
+        guard let out = FileHandle(forWritingAtPath: temporary.path) else { throw SidecarError(.invalidInput, "cannot write \(temporary.path)") }
+        do {
+            for span in 0..<spans {
+                let part = Self.part(directory, span, kind)
+                guard let data = FileManager.default.contents(atPath: part.path) else {
+                    throw SidecarError(.invalidInput, "the job's part \(part.path) is missing; delete \(directory.path) and run the job again")
+                }
+                try out.write(contentsOf: data)
+            }
+            try out.synchronize()
+            try out.close()
+        } catch {
+            try? out.close()
+            try? FileManager.default.removeItem(at: temporary)
+            throw error
+        }
+        guard rename(temporary.path, target.path) == 0 else {
+            throw SidecarError(.invalidInput, "cannot move the finished \(kind == "out" ? "output" : "errors") into \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    private static func part(_ directory: URL, _ span: Int, _ kind: String) -> URL {
+        directory.appendingPathComponent(String(format: "span-%08d.%@", span, kind))
+    }
+
+    private static func writeAtomically(_ data: Data, to url: URL) throws {
+        let temporary = url.appendingPathExtension("tmp")
+        guard FileManager.default.createFile(atPath: temporary.path, contents: data), let handle = FileHandle(forWritingAtPath: temporary.path) else {
+            throw SidecarError(.invalidInput, "cannot write \(temporary.path)")
+        }
+        try handle.synchronize()
+        try handle.close()
+        guard rename(temporary.path, url.path) == 0 else {
+            throw SidecarError(.invalidInput, "cannot rename \(temporary.path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    private static func identity(_ spec: ScoringJobSpec) throws -> Identity {
+        let path = URL(fileURLWithPath: spec.input).standardizedFileURL.path
+        let attributes = try FileManager.default.attributesOfItem(atPath: path)
+        return Identity(
+            input: path, size: (attributes[.size] as? Int) ?? 0, modified: (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0,
+            format: spec.resolvedFormat.rawValue, spanLines: spec.spanLines, idField: spec.idField)
+    }
+
+    private static func difference(_ earlier: Identity, _ now: Identity) -> String? {
+        if earlier.input != now.input { return "the input was \(earlier.input), now \(now.input)" }
+        if earlier.size != now.size || earlier.modified != now.modified { return "the input \(now.input) changed (size or modification time)" }
+        if earlier.format != now.format { return "the format was \(earlier.format), now \(now.format)" }
+        if earlier.spanLines != now.spanLines { return "span_lines was \(earlier.spanLines), now \(now.spanLines)" }
+        if earlier.idField != now.idField { return "id_field was '\(earlier.idField)', now '\(now.idField)'" }
+        return nil
+    }
+
+    /// Line breaks in the file (a last line without one counts too).
+    static func countLines(_ path: String) -> Int? {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? handle.close() }
+        var lines = 0
+        var last: UInt8 = 0x0A
+        while true {
+            let block = handle.readData(ofLength: 1 << 22)
+            if block.isEmpty { break }
+            block.withUnsafeBytes { raw in
+                for byte in raw where byte == 0x0A { lines += 1 }
+                last = raw.last ?? last
+            }
+        }
+        return last == 0x0A ? lines : lines + 1
+    }
+}
