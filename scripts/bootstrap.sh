@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Sidecar needs on a fresh Debian machine (Swift itself is expected on PATH):
-# the system Python's venv module (worker environments) and libpython (the embedded path).
+# the system Python's venv module (worker environments), libpython (the embedded path) and
+# hiredis (the Redis Streams inbox).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -10,6 +11,8 @@ missing=()
 command -v /usr/bin/python3.11 >/dev/null || missing+=(python3.11)
 # The build finds libpython's headers through pkg-config (the CPython system-library target).
 command -v pkg-config >/dev/null || missing+=(pkgconf)
+# The inbox/outbox front links Debian's hiredis (the CHiredis system-library target).
+[ -f /usr/include/hiredis/hiredis.h ] || missing+=(libhiredis-dev)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}" >&2

@@ -6,6 +6,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 scripts/bootstrap.sh
+# redis-server: the inbox/outbox tests (Swift and end-to-end) start their own.
+scripts/install-broker-tools.sh
 
 # The runtime's tests run in their own venv from the same interpreter the workers use.
 venv="$root/.build/pytest-venv"
@@ -28,7 +30,7 @@ e2e="$root/.build/e2e-venv"
 if [ ! -x "$e2e/bin/python" ]; then
   /usr/bin/python3.11 -m venv "$e2e"
 fi
-"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml
+"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml redis
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 # Many nodes: each in its own network namespace, the repository behind nginx, haproxy in front
 # (Tests/e2e/cluster.py). CI runs as root, so the namespace version must run, not the loopback fallback.

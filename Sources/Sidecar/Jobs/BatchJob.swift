@@ -87,6 +87,7 @@ public final class ScoringJob: Sendable {
         guard FileManager.default.isWritableFile(atPath: outputDirectory) else {
             throw SidecarError(.invalidInput, "cannot write the output \(spec.output): its directory \(outputDirectory) does not exist or is not writable")
         }
+        try JobJournal.checkStart(spec)
         self.spec = spec
     }
 

@@ -1,8 +1,9 @@
+import Crypto
 import Foundation
 import Synchronization
 
 /// A batch job's working directory, `<output>.job/`: `job.json` (what the job is: the input's
-/// path, size and modification time, the format, the span size, the id field), one
+/// path, size, modification time and SHA-256, the format, the span size, the id field), one
 /// `span-N.out`/`span-N.err` pair per finished span, and `journal.jsonl`, one line per finished
 /// span appended (and synced) only after its parts are in place. A span the journal lists is done;
 /// anything else is redone. `finish` joins the parts in order into the output and errors files,
@@ -18,12 +19,14 @@ final class JobJournal: Sendable {
         var input: String
         var size: Int
         var modified: Double
+        /// Of the whole input: a file rewritten in place with its size and time kept is caught too.
+        var sha256: String
         var format: String
         var spanLines: Int
         var idField: String
 
         enum CodingKeys: String, CodingKey {
-            case input, size, modified, format, spanLines = "span_lines", idField = "id_field"
+            case input, size, modified, sha256, format, spanLines = "span_lines", idField = "id_field"
         }
     }
 
@@ -42,11 +45,7 @@ final class JobJournal: Sendable {
         let journalFile = directory.appendingPathComponent("journal.jsonl")
         var finished: [Int: Finished] = [:]
         if fm.fileExists(atPath: directory.path) {
-            guard spec.resume else {
-                throw SidecarError(
-                    .conflict,
-                    "\(directory.path) holds an unfinished job for \(spec.output); pass --resume (\"resume\": true) to continue it, or delete it to start over")
-            }
+            try Self.checkStart(spec)
             guard let data = fm.contents(atPath: jobFile.path), let earlier = try? JSONDecoder().decode(Identity.self, from: data) else {
                 throw SidecarError(.conflict, "\(jobFile.path) is missing or unreadable; delete \(directory.path) to start over")
             }
@@ -77,6 +76,15 @@ final class JobJournal: Sendable {
         handle.seekToEndOfFile()
         self.journal = Mutex(handle)
         self.finished = finished
+    }
+
+    /// Refuses to start over an unfinished job unless asked to resume it.
+    static func checkStart(_ spec: ScoringJobSpec) throws {
+        guard spec.resume || !FileManager.default.fileExists(atPath: spec.jobDirectory) else {
+            throw SidecarError(
+                .conflict,
+                "\(spec.jobDirectory) holds an unfinished job for \(spec.output); pass --resume (\"resume\": true) to continue it, or delete it to start over")
+        }
     }
 
     /// Writes a finished span's parts, then journals it.
@@ -145,16 +153,30 @@ final class JobJournal: Sendable {
         let attributes = try FileManager.default.attributesOfItem(atPath: path)
         return Identity(
             input: path, size: (attributes[.size] as? Int) ?? 0, modified: (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0,
-            format: spec.resolvedFormat.rawValue, spanLines: spec.spanLines, idField: spec.idField)
+            sha256: try digest(path), format: spec.resolvedFormat.rawValue, spanLines: spec.spanLines, idField: spec.idField)
     }
 
     private static func difference(_ earlier: Identity, _ now: Identity) -> String? {
         if earlier.input != now.input { return "the input was \(earlier.input), now \(now.input)" }
-        if earlier.size != now.size || earlier.modified != now.modified { return "the input \(now.input) changed (size or modification time)" }
+        if earlier.size != now.size || earlier.modified != now.modified || earlier.sha256 != now.sha256 {
+            return "the input \(now.input) changed (its size, modification time or content)"
+        }
         if earlier.format != now.format { return "the format was \(earlier.format), now \(now.format)" }
         if earlier.spanLines != now.spanLines { return "span_lines was \(earlier.spanLines), now \(now.spanLines)" }
         if earlier.idField != now.idField { return "id_field was '\(earlier.idField)', now '\(now.idField)'" }
         return nil
+    }
+
+    private static func digest(_ path: String) throws -> String {
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw SidecarError(.invalidInput, "cannot read the input \(path)") }
+        defer { try? handle.close() }
+        var hasher = SHA256()
+        while true {
+            let block = handle.readData(ofLength: 1 << 22)
+            if block.isEmpty { break }
+            hasher.update(data: block)
+        }
+        return hasher.finalize().map { String(format: "%02x", $0) }.joined()
     }
 
     /// Line breaks in the file (a last line without one counts too).

@@ -47,7 +47,9 @@ final class JobRecordReader {
         if format == .csv {
             guard let first = try nextCSVRecord() else { return }
             switch first.fields {
-            case .success(let names): header = names.map(\.text)
+            case .success(let names):
+                // A spreadsheet's UTF-8 export starts with a byte-order mark; it is not part of the name.
+                header = names.enumerated().map { $0.offset == 0 && $0.element.text.hasPrefix("\u{FEFF}") ? String($0.element.text.dropFirst()) : $0.element.text }
             case .failure(let error):
                 throw SidecarError(.invalidInput, "\(path): the CSV header (line 1) is malformed: \(error.reason)")
             }

@@ -82,14 +82,14 @@ struct AdminJobStatus: Encodable {
     var output: String
     var errors: String
     var state: String
-    var lines: Int?
+    @ExplicitNull var lines: Int?
     var done: Int
     var ok: Int
     var failed: Int
     var resumed: Int
     var items_per_second: Double
-    var eta_s: Double?
-    var error: String?
+    @ExplicitNull var eta_s: Double?
+    @ExplicitNull var error: String?
 
     init(_ entry: ScoringJobs.Entry) {
         let p = entry.job.progress

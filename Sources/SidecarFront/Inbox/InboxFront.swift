@@ -104,7 +104,9 @@ final class InboxFront: Sendable {
                 let batching = target.configuration.batching
                 let maxInFlight = settings.maxInFlight(maxQueue: batching.maxQueue)
                 let inFlight = inFlightCount
-                let room = min(maxInFlight - inFlight, batching.maxQueue - target.queuedItems)
+                // A read takes at most a quarter of the room, so several groups are in the model at
+                // once (every worker busy) while earlier ones are being published.
+                let room = min(maxInFlight - inFlight, batching.maxQueue - target.queuedItems, max(1, maxInFlight / 4))
                 if room <= 0 {
                     if inFlight >= maxInFlight {
                         _ = await wakeup.next()  // a result was published, or a stop
@@ -195,13 +197,13 @@ final class InboxFront: Sendable {
         await withTaskGroup(of: [Decision].self) { calls in
             for message in messages {
                 let id = InboxMessageCodec.requestID(message)
-                if message.deliveries > settings.maxDeliveries {
-                    let reason = "delivered \(message.deliveries) times, more than max_deliveries (\(settings.maxDeliveries)): it may crash or hang the server"
-                    decisions.append(.publish(setAside(message, id: id, reason: reason, version: nil, kind: "maxDeliveries")))
-                    continue
-                }
                 guard let target = try? host.resolve(model, routingKey: id) else {
                     decisions.append(.release(message.entry))
+                    continue
+                }
+                if message.deliveries > settings.maxDeliveries {
+                    let reason = "delivered \(message.deliveries) times, more than max_deliveries (\(settings.maxDeliveries)): it may crash or hang the server"
+                    decisions.append(.publish(setAside(message, id: id, reason: reason, version: target.servedVersion, kind: "maxDeliveries")))
                     continue
                 }
                 switch InboxMessageCodec.work(message) as InboxWork {
@@ -396,9 +398,9 @@ struct InboxStatus: Encodable, Sendable {
     var published: Int
     var deadLettered: Int
     var redelivered: Int
-    var lag: Int?
+    @ExplicitNull var lag: Int?
     var pending: Int
-    var lastError: String?
+    @ExplicitNull var lastError: String?
 
     enum CodingKeys: String, CodingKey {
         case model, broker, stream, group, consumer, outbox, deadLetter = "dead_letter", connected, inFlight = "in_flight", read, published
