@@ -30,7 +30,7 @@ e2e="$root/.build/e2e-venv"
 if [ ! -x "$e2e/bin/python" ]; then
   /usr/bin/python3.11 -m venv "$e2e"
 fi
-"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml redis
+"$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml redis hiredis
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 # Many nodes: each in its own network namespace, the repository behind nginx, haproxy in front
 # (Tests/e2e/cluster.py). CI runs as root, so the namespace version must run, not the loopback fallback.
