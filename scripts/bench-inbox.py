@@ -353,7 +353,7 @@ def main() -> None:
 
     ceiling = (first["items_s"] + second["items_s"]) / 2
     ratio = ours["items_s"] / ceiling
-    in_flight = args.max_in_flight or "default (1024)"
+    in_flight = args.max_in_flight or "default (4096)"
     consumer_note = f"{args.consumers} consumer{'s' if args.consumers > 1 else ''}"
     rows = [
         f"| ceiling 1: Python consumer ({consumer_note}), XREADGROUP COUNT {args.batch} + 1 EVALSHA/message, pipelined "

@@ -120,13 +120,13 @@ final class RedisServerFixture: @unchecked Sendable {
         let claimed = try await b.claim([pending[0]], minIdle: .zero)
         #expect(claimed.map(\.entry) == [read[0].entry])
         #expect(claimed[0].deliveries == 2)
-        #expect(try await a.publish(read.map(result)) == [false, true, true])
-        #expect(try await b.publish(claimed.map(result)) == [true])
+        #expect(try await a.publish(read.map(result), lane: 0) == [false, true, true])
+        #expect(try await b.publish(claimed.map(result), lane: 1) == [true])
         #expect(try await length(redis, "out") == 3)
         #expect(try await a.backlog().pending == 0)
         #expect(try await a.backlog().lag == 0)
         // Published twice (a retry after a lost reply): still one result.
-        #expect(try await a.publish(read.map(result)) == [false, false, false])
+        #expect(try await a.publish(read.map(result), lane: 0) == [false, false, false])
         #expect(try await length(redis, "out") == 3)
     }
 
@@ -162,7 +162,7 @@ final class RedisServerFixture: @unchecked Sendable {
         let outcome = InboxOutcome(
             entry: message.entry, result: [("id", Array("r0".utf8)), ("status", Array("error".utf8))],
             deadLetter: [("id", Array("r0".utf8)), ("reason", Array("it raised".utf8)), ("deliveries", Array("1".utf8))])
-        #expect(try await a.publish([outcome]) == [true])
+        #expect(try await a.publish([outcome], lane: 1) == [true])
         let dead = try await RedisConnection(address: redis.address, name: "test").command(["XRANGE", "dead", "-", "+"])
         let fields = dead.elements?.first?.elements?[1].elements?.compactMap(\.text)
         #expect(fields == ["id", "r0", "reason", "it raised", "deliveries", "1"])

@@ -24,7 +24,7 @@ public struct InboxConfiguration: Sendable, Equatable {
     /// Messages another consumer left pending this long are claimed (nil: derived from the batch
     /// timeout, ``claimIdle(batchTimeout:)``).
     public var claimIdle: Duration?
-    /// Messages read and not yet answered, at most (nil: `min(max_queue, 1024)`).
+    /// Messages read and not yet answered, at most (nil: `min(max_queue, 4096)`; a read takes a quarter).
     public var maxInFlight: Int?
 
     public init(broker: String, stream: String, outbox: String) {
@@ -43,5 +43,5 @@ public struct InboxConfiguration: Sendable, Equatable {
         claimIdle ?? min(.seconds(30), max(.seconds(5), batchTimeout))
     }
 
-    public func maxInFlight(maxQueue: Int) -> Int { maxInFlight ?? min(maxQueue, 1024) }
+    public func maxInFlight(maxQueue: Int) -> Int { maxInFlight ?? min(maxQueue, 4096) }
 }

@@ -24,9 +24,12 @@ protocol InboxBroker: Sendable {
     /// another node claimed first, or acknowledged, is not returned). Counts as a delivery.
     func claim(_ entries: [PendingEntry], minIdle: Duration) async throws -> [InboxMessage]
 
+    /// Publishing calls that may run at once, each on its `lane` (0..<publishLanes).
+    var publishLanes: Int { get }
+
     /// Publishes each outcome and acknowledges its message atomically, if the message is still this
     /// consumer's; the answer says, per outcome, whether it was published.
-    func publish(_ outcomes: [InboxOutcome]) async throws -> [Bool]
+    func publish(_ outcomes: [InboxOutcome], lane: Int) async throws -> [Bool]
 
     /// Marks messages still being worked on as fresh, so that other nodes do not claim them from a
     /// node that is slow but alive. Messages no longer this consumer's are left alone.

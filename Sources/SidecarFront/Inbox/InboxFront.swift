@@ -32,12 +32,14 @@ final class InboxFront: Sendable {
     private let wake: AsyncStream<Void>.Continuation
     private let outcomes = OutcomeQueue()
     private let labels: [(String, String)]
+    /// Made once: a swift-metrics handle made per message costs a registry lookup each time.
+    private let readToPublish: Metrics.Timer
 
     private struct State {
         /// Messages read and not yet published or released, with when they were read.
         var inFlight: [String: ContinuousClock.Instant] = [:]
         var stopping = false
-        var finished = false
+        var publishersDone = 0
         var connected = false
         var lastError: String?
         var read = 0
@@ -59,6 +61,7 @@ final class InboxFront: Sendable {
         self.logger = logger
         (wakeups, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
         labels = [("model", model), ("stream", settings.stream)]
+        readToPublish = Metrics.Timer(label: "sidecar_inbox_read_to_publish_seconds", dimensions: labels)
     }
 
     /// Reads until a graceful shutdown, then finishes and publishes what it read before it returns.
@@ -66,7 +69,9 @@ final class InboxFront: Sendable {
         logger.info("inbox: reading \(broker.description) for model '\(model)', results to '\(settings.outbox)'")
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { group in
-                group.addTask { await self.publishLoop() }
+                for lane in 0..<self.broker.publishLanes {
+                    group.addTask { await self.publishLoop(lane: lane) }
+                }
                 group.addTask { await self.housekeeping() }
                 await self.readLoop()
                 self.outcomes.finish()
@@ -300,14 +305,14 @@ final class InboxFront: Sendable {
 
     // MARK: - Publishing
 
-    private func publishLoop() async {
+    private func publishLoop(lane: Int) async {
         while let batch = await outcomes.next() {
             var backoff = Backoff()
             let giveUpAt = ContinuousClock.now.advanced(by: .seconds(30))
             var published: [Bool]?
             while published == nil {
                 do {
-                    published = try await broker.publish(batch.map(\.outcome))
+                    published = try await broker.publish(batch.map(\.outcome), lane: lane)
                 } catch {
                     state.withLock {
                         $0.connected = false
@@ -327,7 +332,7 @@ final class InboxFront: Sendable {
             for (index, item) in batch.enumerated() where outcome[index] {
                 done += 1
                 if item.outcome.deadLetter != nil { dead += 1 }
-                Metrics.Timer(label: "sidecar_inbox_read_to_publish_seconds", dimensions: labels).recordNanoseconds((now - item.readAt).inNanoseconds)
+                readToPublish.recordNanoseconds((now - item.readAt).inNanoseconds)
             }
             state.withLock { state in
                 for item in batch { state.inFlight[item.outcome.entry] = nil }
@@ -339,14 +344,15 @@ final class InboxFront: Sendable {
             if dead > 0 { Counter(label: "sidecar_inbox_dead_lettered_total", dimensions: labels).increment(by: dead) }
             wake.yield()
         }
-        state.withLock { $0.finished = true }
+        state.withLock { $0.publishersDone += 1 }
     }
 
     /// Keeps this node's messages fresh and reads the backlog, until the front is done.
     private func housekeeping() async {
         var lastKeepAlive = ContinuousClock.now
         var lastBacklog = ContinuousClock.now - .seconds(10)
-        while !state.withLock({ $0.finished }), !Task.isCancelled {
+        let lanes = broker.publishLanes
+        while state.withLock({ $0.publishersDone < lanes }), !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(250))
             let batchTimeout = (try? host.resolve(model))?.configuration.timeouts.batch ?? .seconds(300)
             if ContinuousClock.now - lastKeepAlive >= settings.claimIdle(batchTimeout: batchTimeout) / 3 {
@@ -408,25 +414,27 @@ struct InboxStatus: Encodable, Sendable {
     }
 }
 
-/// Results waiting to be published, handed from the serving tasks to the one publisher, which
+/// Results waiting to be published, handed from the serving tasks to the publishers, each of which
 /// takes everything queued at once (one pipeline to the broker).
 final class OutcomeQueue: Sendable {
     typealias Item = (outcome: InboxOutcome, readAt: ContinuousClock.Instant)
     private struct State {
         var items: Deque<Item> = []
-        var waiter: CheckedContinuation<[Item]?, Never>?
+        var waiters: Deque<CheckedContinuation<[Item]?, Never>> = []
         var finished = false
     }
     private let state = Mutex(State())
 
     func push(_ items: [Item]) {
         guard !items.isEmpty else { return }
-        let waiter: CheckedContinuation<[Item]?, Never>? = state.withLock { state in
-            state.items.append(contentsOf: items)
-            defer { state.waiter = nil }
-            return state.waiter
+        let handOff: (CheckedContinuation<[Item]?, Never>, [Item])? = state.withLock { state in
+            guard let waiter = state.waiters.popFirst() else {
+                state.items.append(contentsOf: items)
+                return nil
+            }
+            return (waiter, items)
         }
-        if let waiter { waiter.resume(returning: takeAll()) }
+        if let (waiter, items) = handOff { waiter.resume(returning: items) }
     }
 
     /// Everything queued, waiting for some; nil once finished and empty.
@@ -439,7 +447,7 @@ final class OutcomeQueue: Sendable {
                     return .some(all)
                 }
                 if state.finished { return .some(nil) }
-                state.waiter = continuation
+                state.waiters.append(continuation)
                 return .none
             }
             if let ready { continuation.resume(returning: ready) }
@@ -447,21 +455,12 @@ final class OutcomeQueue: Sendable {
     }
 
     func finish() {
-        let waiter: CheckedContinuation<[Item]?, Never>? = state.withLock { state in
+        let waiters: Deque<CheckedContinuation<[Item]?, Never>> = state.withLock { state in
             state.finished = true
-            defer { state.waiter = nil }
-            return state.items.isEmpty ? state.waiter : nil
+            defer { state.waiters.removeAll() }
+            return state.waiters
         }
-        waiter?.resume(returning: nil)
-    }
-
-    private func takeAll() -> [Item]? {
-        state.withLock { state in
-            if state.items.isEmpty { return state.finished ? nil : [] }
-            let all = Array(state.items)
-            state.items.removeAll()
-            return all
-        }
+        for waiter in waiters { waiter.resume(returning: nil) }
     }
 }
 
