@@ -13,6 +13,11 @@ final class JobJournal: Sendable {
         var span: Int
         var ok: Int
         var failed: Int
+        /// The parts' sizes: a part that does not have them (lost in a machine crash) is redone.
+        var outBytes: Int
+        var errBytes: Int
+
+        enum CodingKeys: String, CodingKey { case span, ok, failed, outBytes = "out_bytes", errBytes = "err_bytes" }
     }
 
     struct Identity: Codable, Equatable {
@@ -56,8 +61,8 @@ final class JobJournal: Sendable {
                 // A line cut short by a crash is not a finished span.
                 for line in text.split(separator: "\n") {
                     if let entry = try? JSONDecoder().decode(Finished.self, from: Data(line.utf8)),
-                        fm.fileExists(atPath: Self.part(directory, entry.span, "out").path),
-                        fm.fileExists(atPath: Self.part(directory, entry.span, "err").path)
+                        Self.size(Self.part(directory, entry.span, "out")) == entry.outBytes,
+                        Self.size(Self.part(directory, entry.span, "err")) == entry.errBytes
                     {
                         finished[entry.span] = entry
                     }
@@ -87,16 +92,19 @@ final class JobJournal: Sendable {
         }
     }
 
-    /// Writes a finished span's parts, then journals it.
+    /// Writes a finished span's parts, then journals it with their sizes. Nothing is synced here:
+    /// a killed process loses nothing the kernel has, and after a machine crash a span whose
+    /// journal line or parts did not survive whole is redone; only the finished output is synced.
     func commit(span: Int, output: [UInt8], errors: [UInt8], ok: Int, failed: Int) throws {
-        try Self.writeAtomically(Data(output), to: Self.part(directory, span, "out"))
-        try Self.writeAtomically(Data(errors), to: Self.part(directory, span, "err"))
-        var line = try JSONEncoder().encode(Finished(span: span, ok: ok, failed: failed))
+        try Self.writeAtomically(Data(output), to: Self.part(directory, span, "out"), sync: false)
+        try Self.writeAtomically(Data(errors), to: Self.part(directory, span, "err"), sync: false)
+        var line = try JSONEncoder().encode(Finished(span: span, ok: ok, failed: failed, outBytes: output.count, errBytes: errors.count))
         line.append(0x0A)
-        try journal.withLock { handle in
-            try handle.write(contentsOf: line)
-            try handle.synchronize()
-        }
+        try journal.withLock { try $0.write(contentsOf: line) }
+    }
+
+    private static func size(_ url: URL) -> Int? {
+        (try? FileManager.default.attributesOfItem(atPath: url.path)[.size] as? Int) ?? nil
     }
 
     /// Joins the parts of spans 0..<spans into the output and errors files, then removes the job.
@@ -136,13 +144,15 @@ final class JobJournal: Sendable {
         directory.appendingPathComponent(String(format: "span-%08d.%@", span, kind))
     }
 
-    private static func writeAtomically(_ data: Data, to url: URL) throws {
+    private static func writeAtomically(_ data: Data, to url: URL, sync: Bool = true) throws {
         let temporary = url.appendingPathExtension("tmp")
-        guard FileManager.default.createFile(atPath: temporary.path, contents: data), let handle = FileHandle(forWritingAtPath: temporary.path) else {
+        guard FileManager.default.createFile(atPath: temporary.path, contents: data) else {
             throw SidecarError(.invalidInput, "cannot write \(temporary.path)")
         }
-        try handle.synchronize()
-        try handle.close()
+        if sync, let handle = FileHandle(forWritingAtPath: temporary.path) {
+            try handle.synchronize()
+            try handle.close()
+        }
         guard rename(temporary.path, url.path) == 0 else {
             throw SidecarError(.invalidInput, "cannot rename \(temporary.path): \(String(cString: strerror(errno)))")
         }

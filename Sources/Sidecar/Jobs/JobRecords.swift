@@ -30,6 +30,9 @@ final class JobRecordReader {
     private let format: Format
     private let idField: String
     private var buffer: [UInt8] = []
+    /// The same bytes as `buffer`, as `Data` made once per block: a JSON line is a slice of it
+    /// (sharing its storage), not an allocation and copy of its own.
+    private var snapshot = Data()
     private var position = 0
     private var eof = false
     private var nextLine = 1
@@ -62,9 +65,9 @@ final class JobRecordReader {
     func next() throws -> JobRecord? {
         switch format {
         case .jsonl:
-            while let (line, bytes) = nextLineBytes() {
-                if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }  // blank lines are not inputs
-                let data = Data(bytes)
+            while let (line, range) = nextLineBytes() {
+                if buffer[range].allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }  // blank lines are not inputs
+                let data = snapshot[range]
                 return JobRecord(line: line, item: .success(data), id: JSONField.raw(idField, in: data))
             }
             return nil
@@ -104,11 +107,11 @@ final class JobRecordReader {
         return true
     }
 
-    private func nextLineBytes() -> (Int, ArraySlice<UInt8>)? {
+    private func nextLineBytes() -> (Int, Range<Int>)? {
         var scanned = 0  // bytes past `position` known to hold no line break
         while true {
             if let newline = buffer[(position + scanned)...].firstIndex(of: 0x0A) {
-                let line = buffer[position..<newline]
+                let line = position..<newline
                 offset += newline - position + 1
                 position = newline + 1
                 defer { nextLine += 1 }
@@ -117,7 +120,7 @@ final class JobRecordReader {
             scanned = buffer.count - position
             if readBlock() {
                 guard position < buffer.count else { return nil }
-                let line = buffer[position...]
+                let line = position..<buffer.count
                 offset += buffer.count - position
                 position = buffer.count
                 defer { nextLine += 1 }
@@ -138,6 +141,7 @@ final class JobRecordReader {
         buffer.removeFirst(position)
         position = 0
         buffer.append(contentsOf: block)
+        if format == .jsonl { snapshot = Data(buffer) }
         return false
     }
 
@@ -237,7 +241,26 @@ struct JSONWriterBytes {
     var bytes: [UInt8] = []
 
     mutating func append(_ text: String) { bytes.append(contentsOf: text.utf8) }
-    mutating func append(_ data: some Sequence<UInt8>) { bytes.append(contentsOf: data) }
+    mutating func append(_ data: [UInt8]) { bytes.append(contentsOf: data) }
+    mutating func append(_ data: ArraySlice<UInt8>) { bytes.append(contentsOf: data) }
+    /// `Data` by its buffer (appending it as a sequence goes byte by byte).
+    mutating func append(data: Data) { data.withUnsafeBytes { bytes.append(contentsOf: $0) } }
+
+    mutating func append(integer value: Int) {
+        guard value > 0 else { return append(String(value)) }
+        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8) =
+            (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var count = 0
+        var rest = value
+        withUnsafeMutableBytes(of: &digits) { buffer in
+            while rest > 0 {
+                buffer[19 - count] = UInt8(ascii: "0") + UInt8(rest % 10)
+                rest /= 10
+                count += 1
+            }
+            bytes.append(contentsOf: buffer[(20 - count)...])
+        }
+    }
 
     mutating func string(_ text: String) {
         bytes.append(0x22)
