@@ -62,9 +62,15 @@ final class RedisServerFixture: @unchecked Sendable {
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
         address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        return withUnsafePointer(to: &address) { pointer in
+        let connected = withUnsafePointer(to: &address) { pointer in
             pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) == 0 }
         }
+        // Listening is not ready: a restarted server answers -LOADING while it reads its
+        // append-only file. Ready is +PONG.
+        guard connected, write(fd, "PING\r\n", 6) == 6 else { return false }
+        var reply = [UInt8](repeating: 0, count: 64)
+        let count = read(fd, &reply, reply.count)
+        return count >= 5 && reply[0..<5] == Array("+PONG".utf8)[...]
     }
 
     func stop() {
