@@ -17,7 +17,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-targets_swift=(oip-http headers kserve-v1 grpc-infer bytes worker-result bundle-tar model-config server-config admin-body)
+targets_swift=(oip-http headers kserve-v1 grpc-infer bytes worker-result bundle-tar model-config server-config admin-body job-records)
 if [ "${1:-}" = "--list" ]; then
   printf '%s\n' "${targets_swift[@]}" python
   exit 0

@@ -45,6 +45,8 @@ import Testing
         #expect(text(all[5]) == #"{"id":6,"name":-0.5e3,"score":"007"}"#)
         #expect(text(all[6]) == "ERROR: a quoted field opened on line 9 never closes")
         #expect(all[0].id.map { String(decoding: $0, as: UTF8.self) } == "1")
+        // Found by the fuzzer (Fuzz/regressions/job-records): JSON's grammar, but no float.
+        #expect(text(try records("a,b\n3e500,-0.\n", .csv)[0]) == #"{"a":"3e500","b":"-0."}"#)
     }
 
     @Test func jsonFieldLooksOnlyAtTheTopLevel() {

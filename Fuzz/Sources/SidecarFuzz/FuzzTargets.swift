@@ -38,6 +38,8 @@ enum FuzzTarget: String, CaseIterable {
     case serverConfig = "server-config"
     /// Admin API bodies: load and scale requests.
     case adminBody = "admin-body"
+    /// A scoring job's input file: JSON Lines or CSV records, and the id field found in them.
+    case jobRecords = "job-records"
 
     static let selected: FuzzTarget = {
         let name = ProcessInfo.processInfo.environment["SIDECAR_FUZZ_TARGET"] ?? ""
@@ -61,6 +63,7 @@ enum FuzzTarget: String, CaseIterable {
         case .modelConfig: fuzzModelConfig(data)
         case .serverConfig: fuzzServerConfig(data)
         case .adminBody: fuzzAdminBody(data)
+        case .jobRecords: fuzzJobRecords(data)
         }
     }
 }
@@ -293,6 +296,47 @@ func fuzzAdminBody(_ data: Data) {
         }
     } catch {
         expectRequestError(error, "admin body")
+    }
+}
+
+/// First byte: the format (even: JSON Lines, odd: CSV); the rest is the file. Every CSV record read
+/// as an item must be a JSON object with one key per header column; line numbers only grow; an id
+/// found in a JSON line that parses as an object with an "id" is that value.
+func fuzzJobRecords(_ data: Data) {
+    guard let first = data.first else { return }
+    let format: ScoringJobFormat = first & 1 == 0 ? .jsonl : .csv
+    let path = FileManager.default.temporaryDirectory.appendingPathComponent("sidecar-fuzz-job-\(getpid())").path
+    guard FileManager.default.createFile(atPath: path, contents: Data(data.dropFirst())) else { violated("cannot write \(path)") }
+    let reader: JobRecordReader
+    do { reader = try JobRecordReader(path: path, format: format, idField: "id") } catch {
+        guard error is SidecarError else { violated("the reader threw \(type(of: error)): \(error)") }
+        return
+    }
+    var lastLine = 0
+    var columns: Int?
+    while true {
+        let record: JobRecord?
+        do { record = try reader.next() } catch { violated("next() threw \(error)") }
+        guard let record else { break }
+        guard record.line > lastLine else { violated("line \(record.line) after line \(lastLine)") }
+        lastLine = record.line
+        guard case .success(let item) = record.item else { continue }
+        switch format {
+        case .csv:
+            guard let object = (try? JSONSerialization.jsonObject(with: item, options: [.fragmentsAllowed])) as? [String: Any] else {
+                violated("a CSV record became invalid JSON: \(String(decoding: item, as: UTF8.self))")
+            }
+            if let columns, object.count > columns { violated("a CSV record has \(object.count) keys, the header \(columns)") }
+            columns = columns ?? object.count
+        case .jsonl:
+            guard let object = (try? JSONSerialization.jsonObject(with: item, options: [.fragmentsAllowed])) as? [String: Any],
+                let id = object["id"], object.keys.filter({ $0 == "id" }).count == 1
+            else { continue }
+            guard let raw = record.id, let found = try? JSONSerialization.jsonObject(with: raw, options: [.fragmentsAllowed]) else {
+                violated("the id of \(String(decoding: item, as: UTF8.self)) was not found")
+            }
+            guard "\(found)" == "\(id)" else { violated("the id found is \(found), the object's is \(id)") }
+        }
     }
 }
 

@@ -154,7 +154,8 @@ final class JobRecordReader {
         func writeJSON(into out: inout JSONWriterBytes) {
             if quoted { return out.string(text) }
             if text.isEmpty { return out.append("null") }
-            if JSONField.isNumber(text) { return out.append(text) }
+            // A number the handler's JSON decoder can hold: 3e500 is JSON's grammar but no float.
+            if JSONField.isNumber(text), Double(text)?.isFinite == true { return out.append(text) }
             out.string(text)
         }
     }
