@@ -87,7 +87,7 @@ def decode_items(items: Sequence[bytes]) -> DecodedItems:
         try:
             value = loads(item)
         except Exception as exc:
-            decoded.errors.append(item_error(index, "InvalidJSON", f"item {index} is not valid JSON: {exc}", pb.INVALID_INPUT))
+            decoded.errors.append(item_error(index, "InvalidJSON", f"the item is not valid JSON: {exc}", pb.INVALID_INPUT))
         else:
             decoded.values.append(value)
             assert decoded.indices is not None

@@ -26,7 +26,7 @@ def test_decode_isolates_invalid_item(bad):
     assert decoded.indices == [0, 2]
     assert [e.index for e in decoded.errors] == [1]
     assert decoded.errors[0].error.type == "InvalidJSON"
-    assert decoded.errors[0].error.message.startswith("item 1 is not valid JSON: ")
+    assert decoded.errors[0].error.message.startswith("the item is not valid JSON: ")
 
 
 def test_encode_nested_sets_and_tuples():
