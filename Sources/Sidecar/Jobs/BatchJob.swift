@@ -127,7 +127,7 @@ public final class ScoringJob: Sendable {
         let total = (try? FileManager.default.attributesOfItem(atPath: spec.input)[.size] as? Int) ?? 0
         state.withLock {
             $0.bytesTotal = total
-            $0.lines = format == .jsonl ? JobJournal.countLines(spec.input) : nil
+            $0.lines = format == .jsonl ? journal.lines : nil
         }
         let reader = try JobRecordReader(path: spec.input, format: format, idField: spec.idField)
         let scorer = SpanScorer(model: model)
@@ -202,7 +202,7 @@ struct SpanScorer: Sendable {
 
     func score(_ records: [JobRecord]) async throws -> (output: [UInt8], errors: [UInt8], ok: Int, failed: Int) {
         let batching = model.configuration.batching
-        let piece = max(1, min(batching.maxBatchSize, 4096))
+        let piece = max(1, min(batching.maxBatchSize, 1024))
         let window = max(1, min(16, (batching.maxQueue / 2) / piece))
         var items: [Int] = []  // record indexes with an item
         for (index, record) in records.enumerated() {

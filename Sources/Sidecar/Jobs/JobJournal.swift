@@ -39,13 +39,16 @@ final class JobJournal: Sendable {
     let directory: URL
     /// Spans an earlier run finished.
     let finished: [Int: Finished]
+    /// Line breaks in the input (a last line without one counts too).
+    let lines: Int
     private let journal: Mutex<FileHandle>
 
     init(spec: ScoringJobSpec) throws {
         self.spec = spec
         let fm = FileManager.default
         directory = URL(fileURLWithPath: spec.jobDirectory)
-        let identity = try Self.identity(spec)
+        let (identity, lines) = try Self.identity(spec)
+        self.lines = lines
         let jobFile = directory.appendingPathComponent("job.json")
         let journalFile = directory.appendingPathComponent("journal.jsonl")
         var finished: [Int: Finished] = [:]
@@ -158,12 +161,14 @@ final class JobJournal: Sendable {
         }
     }
 
-    private static func identity(_ spec: ScoringJobSpec) throws -> Identity {
+    private static func identity(_ spec: ScoringJobSpec) throws -> (Identity, lines: Int) {
         let path = URL(fileURLWithPath: spec.input).standardizedFileURL.path
         let attributes = try FileManager.default.attributesOfItem(atPath: path)
-        return Identity(
+        let (sha256, lines) = try scan(path)
+        let identity = Identity(
             input: path, size: (attributes[.size] as? Int) ?? 0, modified: (attributes[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0,
-            sha256: try digest(path), format: spec.resolvedFormat.rawValue, spanLines: spec.spanLines, idField: spec.idField)
+            sha256: sha256, format: spec.resolvedFormat.rawValue, spanLines: spec.spanLines, idField: spec.idField)
+        return (identity, lines)
     }
 
     private static func difference(_ earlier: Identity, _ now: Identity) -> String? {
@@ -177,32 +182,23 @@ final class JobJournal: Sendable {
         return nil
     }
 
-    private static func digest(_ path: String) throws -> String {
+    /// The input's SHA-256 and its line count (a last line without a break counts too), in one
+    /// pass over the file.
+    private static func scan(_ path: String) throws -> (sha256: String, lines: Int) {
         guard let handle = FileHandle(forReadingAtPath: path) else { throw SidecarError(.invalidInput, "cannot read the input \(path)") }
         defer { try? handle.close() }
         var hasher = SHA256()
-        while true {
-            let block = handle.readData(ofLength: 1 << 22)
-            if block.isEmpty { break }
-            hasher.update(data: block)
-        }
-        return hasher.finalize().map { String(format: "%02x", $0) }.joined()
-    }
-
-    /// Line breaks in the file (a last line without one counts too).
-    static func countLines(_ path: String) -> Int? {
-        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
-        defer { try? handle.close() }
         var lines = 0
         var last: UInt8 = 0x0A
         while true {
             let block = handle.readData(ofLength: 1 << 22)
             if block.isEmpty { break }
+            hasher.update(data: block)
             block.withUnsafeBytes { raw in
                 for byte in raw where byte == 0x0A { lines += 1 }
                 last = raw.last ?? last
             }
         }
-        return last == 0x0A ? lines : lines + 1
+        return (hasher.finalize().map { String(format: "%02x", $0) }.joined(), last == 0x0A ? lines : lines + 1)
     }
 }
