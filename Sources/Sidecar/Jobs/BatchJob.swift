@@ -187,9 +187,9 @@ public final class ScoringJob: Sendable {
     }
 }
 
-/// Scores one span's records through the model: items in pieces of `max_batch_size`, as many pieces
-/// at once as half the model's queue holds (two spans run at once), and the span's output and
-/// error lines in input order.
+/// Scores one span's records through the model: items in pieces of `max_batch_size` (at most
+/// 1024, the call size `sidecar-bench` measures), as many pieces at once as half the model's queue
+/// holds, and the span's output and error lines in input order.
 struct SpanScorer: Sendable {
     let model: Model
 
