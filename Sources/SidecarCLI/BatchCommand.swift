@@ -81,7 +81,12 @@ struct BatchCommand: AsyncParsableCommand {
         let signals = [SIGINT, SIGTERM].map { number -> any DispatchSourceSignal in
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler { job.cancel() }
+            // The first stops the job (progress is saved); a second one, during the workers'
+            // shutdown, ends the process at once.
+            source.setEventHandler {
+                job.cancel()
+                signal(number, SIG_DFL)
+            }
             source.resume()
             return source
         }

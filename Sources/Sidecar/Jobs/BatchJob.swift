@@ -73,7 +73,7 @@ public final class ScoringJob: Sendable {
     private let runner = Mutex<Task<ScoringJobProgress, any Error>?>(nil)
     private let cancelled = Atomic<Bool>(false)
     /// Spans scored at once: one is read and one written while another is in the queue.
-    private let parallelSpans = 3
+    static let parallelSpans = 3
 
     public init(spec: ScoringJobSpec) throws {
         guard ScoringJobSpec.spanLinesRange.contains(spec.spanLines) else {
@@ -153,7 +153,7 @@ public final class ScoringJob: Sendable {
                     }
                     continue
                 }
-                if running == parallelSpans {
+                if running == Self.parallelSpans {
                     try await group.next()
                     running -= 1
                 }
@@ -202,8 +202,10 @@ struct SpanScorer: Sendable {
 
     func score(_ records: [JobRecord]) async throws -> (output: [UInt8], errors: [UInt8], ok: Int, failed: Int) {
         let batching = model.configuration.batching
-        let piece = max(1, min(batching.maxBatchSize, 1024))
-        let window = max(1, min(16, (batching.maxQueue / 2) / piece))
+        let piece = max(1, min(batching.maxBatchSize, 1024, batching.maxQueue))
+        // Every span in flight may hold `window` pieces: together at most half the queue, so the
+        // job leaves room for the model's other callers and is never refused for its own items.
+        let window = max(1, min(16, batching.maxQueue / (2 * ScoringJob.parallelSpans * piece)))
         var items: [Int] = []  // record indexes with an item
         for (index, record) in records.enumerated() {
             if case .success = record.item { items.append(index) }
@@ -230,6 +232,11 @@ struct SpanScorer: Sendable {
         }
         // Built as bytes, a few copies per record: at echo's pace this loop is a good part of the
         // job's own CPU, so no String interpolation and no Data iteration here.
+        // An item the model did not run (it stopped, or its executor failed under the batch) is not
+        // the item's failure: the span must not be journaled, or a resume would never score it.
+        for case .failure(let error)? in results where error.kind == .unavailable {
+            throw SidecarError(.unavailable, "model '\(model.name)' stopped serving during the job: \(error.message)")
+        }
         var output = JSONWriterBytes()
         output.bytes.reserveCapacity(records.count * 48)
         var errors = JSONWriterBytes()
@@ -274,9 +281,10 @@ struct SpanScorer: Sendable {
         while true {
             do {
                 return try await model.predict(batch: values)
-            } catch let error as SidecarError where error.code == .queueFull && attempt < 600 {
-                attempt += 1
-                try await Task.sleep(for: .milliseconds(50))
+            } catch let error as SidecarError where error.code == .queueFull {
+                // Other callers filled the queue: wait for room (a cancelled job stops here).
+                attempt = min(attempt + 1, 5)
+                try await Task.sleep(for: .milliseconds(10 << attempt))
             }
         }
     }

@@ -33,6 +33,9 @@ final class JobRecordReader {
     /// The same bytes as `buffer`, as `Data` made once per block: a JSON line is a slice of it
     /// (sharing its storage), not an allocation and copy of its own.
     private var snapshot = Data()
+    /// Made again only when a line is taken from a buffer that changed: a line longer than a block
+    /// must not copy the whole buffer at every block.
+    private var snapshotIsCurrent = false
     private var position = 0
     private var eof = false
     private var nextLine = 1
@@ -67,6 +70,10 @@ final class JobRecordReader {
         case .jsonl:
             while let (line, range) = nextLineBytes() {
                 if buffer[range].allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0D }) { continue }  // blank lines are not inputs
+                if !snapshotIsCurrent {
+                    snapshot = Data(buffer)
+                    snapshotIsCurrent = true
+                }
                 let data = snapshot[range]
                 return JobRecord(line: line, item: .success(data), id: JSONField.raw(idField, in: data))
             }
@@ -141,7 +148,7 @@ final class JobRecordReader {
         buffer.removeFirst(position)
         position = 0
         buffer.append(contentsOf: block)
-        if format == .jsonl { snapshot = Data(buffer) }
+        snapshotIsCurrent = false
         return false
     }
 

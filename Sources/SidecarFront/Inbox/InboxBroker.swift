@@ -16,9 +16,10 @@ protocol InboxBroker: Sendable {
     /// New messages, never delivered before, at most `max`; waits up to `wait` for the first.
     func readNew(max: Int, wait: Duration) async throws -> [InboxMessage]
 
-    /// Messages delivered but not acknowledged: this consumer's own (`mine`: what it read before a
-    /// restart), or anyone's idle for at least `minIdle`.
-    func pending(mine: Bool, minIdle: Duration, max: Int) async throws -> [PendingEntry]
+    /// Messages delivered but not acknowledged, oldest first, after the entry `after` if given:
+    /// this consumer's own (`mine`: what it read before a restart), or anyone's idle for at least
+    /// `minIdle`.
+    func pending(mine: Bool, after: String?, minIdle: Duration, max: Int) async throws -> [PendingEntry]
 
     /// Takes the messages over for this consumer if they are still idle for `minIdle` (a message
     /// another node claimed first, or acknowledged, is not returned). Counts as a delivery.

@@ -98,6 +98,8 @@ final class InboxFront: Sendable {
         var wakeup = wakeups.makeAsyncIterator()
         await withDiscardingTaskGroup { work in
             var ownPendingFirst = true
+            /// The last own pending entry looked at in this pass (nil: the pass has not started).
+            var ownPendingCursor: String?
             var lastClaim = ContinuousClock.now
             var backoff = Backoff()
             while !stopping {
@@ -126,9 +128,16 @@ final class InboxFront: Sendable {
                     if ownPendingFirst {
                         // After a start or a lost connection: the group may be new, and what this
                         // consumer read before (under its name) comes first.
-                        try await broker.prepare()
-                        messages = try await claimPending(mine: true, minIdle: .zero, room: room)
-                        if messages.isEmpty { ownPendingFirst = false }
+                        // One pass, forward through the pending list: a message given back meanwhile
+                        // (the queue filled) is not taken again at once, which would count a
+                        // delivery each time until it looked like poison.
+                        if ownPendingCursor == nil { try await broker.prepare() }
+                        let (claimed, last) = try await claimOwnPending(after: ownPendingCursor, room: room)
+                        messages = claimed
+                        ownPendingCursor = last
+                        if last == nil {
+                            ownPendingFirst = false
+                        }
                     } else if ContinuousClock.now - lastClaim >= claimIdle / 2 {
                         lastClaim = .now
                         messages = try await claimPending(mine: false, minIdle: claimIdle, room: room)
@@ -150,17 +159,29 @@ final class InboxFront: Sendable {
                     }
                     if first { logger.warning("inbox: \(error); retrying") }
                     ownPendingFirst = true
+                    ownPendingCursor = nil
                     try? await Task.sleep(for: delay)
                 }
             }
         }
     }
 
-    /// Pending messages to take over: this consumer's own after a restart, or anyone's left idle.
+    /// A page of this consumer's own pending messages after `after`, taken over; the last entry
+    /// looked at (nil when there were none left).
+    private func claimOwnPending(after: String?, room: Int) async throws -> ([InboxMessage], String?) {
+        let busy = state.withLock { $0.inFlight }
+        let page = try await broker.pending(mine: true, after: after, minIdle: .zero, max: room)
+        guard let last = page.last?.entry else { return ([], nil) }
+        let claimed = try await broker.claim(page.filter { busy[$0.entry] == nil }, minIdle: .zero)
+        if !claimed.isEmpty { logger.info("inbox: took over \(claimed.count) message(s) this consumer read before") }
+        return (claimed, last)
+    }
+
+    /// Pending messages to take over: anyone's left idle.
     /// Messages this node is working on are not taken again.
     private func claimPending(mine: Bool, minIdle: Duration, room: Int) async throws -> [InboxMessage] {
         let busy = state.withLock { $0.inFlight }
-        let entries = try await broker.pending(mine: mine, minIdle: minIdle, max: room + busy.count)
+        let entries = try await broker.pending(mine: mine, after: nil, minIdle: minIdle, max: room + busy.count)
             .filter { busy[$0.entry] == nil }
             .prefix(room)
         guard !entries.isEmpty else { return [] }
@@ -320,7 +341,7 @@ final class InboxFront: Sendable {
                     }
                     // Unpublished results are not lost: their messages stay pending and are served
                     // again. Past a shutdown, give up after a while rather than hang the exit.
-                    if stopping && ContinuousClock.now >= giveUpAt { break }
+                    if Task.isCancelled || (stopping && ContinuousClock.now >= giveUpAt) { break }
                     if backoff.isReset { logger.warning("inbox: \(error); retrying the publish") }
                     try? await Task.sleep(for: backoff.next())
                 }

@@ -59,10 +59,11 @@ final class RedisStreamsBroker: InboxBroker {
         return entries.compactMap { Self.message($0, deliveries: 1) }
     }
 
-    func pending(mine: Bool, minIdle: Duration, max: Int) async throws -> [PendingEntry] {
+    func pending(mine: Bool, after: String?, minIdle: Duration, max: Int) async throws -> [PendingEntry] {
         var arguments = ["XPENDING", stream, group]
         if !mine { arguments += ["IDLE", String(Self.milliseconds(minIdle))] }
-        arguments += ["-", "+", String(max)]
+        // "(" makes the start exclusive (Redis 6.2 and later).
+        arguments += [after.map { "(" + $0 } ?? "-", "+", String(max)]
         if mine { arguments.append(consumer) }
         let reply = try await writer.command(arguments)
         // [[id, consumer, idle ms, deliveries], …]
@@ -178,20 +179,22 @@ final class RedisStreamsBroker: InboxBroker {
 
     /// The result and the acknowledgement in one step, only while the message is still this
     /// consumer's: a message another node claimed (it will publish it) gets no second result.
+    /// Redis does not undo a script that fails half-way, so the dead letter (the write that can
+    /// fail on a key of another type) goes first and the result only after it.
     /// KEYS: inbox, outbox, dead letters. ARGV: group, consumer, entry, the number n of result
     /// pairs, the n result pairs, then the dead letter's pairs if any.
     static let publishScript = Script(source: """
         local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
         if #mine == 0 then return 0 end
         local n = tonumber(ARGV[4])
-        local result = {}
-        for i = 5, 4 + 2 * n do result[#result + 1] = ARGV[i] end
-        redis.call('XADD', KEYS[2], '*', unpack(result))
         if #ARGV > 4 + 2 * n then
           local dead = {}
           for i = 5 + 2 * n, #ARGV do dead[#dead + 1] = ARGV[i] end
           redis.call('XADD', KEYS[3], '*', unpack(dead))
         end
+        local result = {}
+        for i = 5, 4 + 2 * n do result[#result + 1] = ARGV[i] end
+        redis.call('XADD', KEYS[2], '*', unpack(result))
         redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
         return 1
         """)
