@@ -206,9 +206,15 @@ struct SpanScorer: Sendable {
         // Every span in flight may hold `window` pieces: together at most half the queue, so the
         // job leaves room for the model's other callers and is never refused for its own items.
         let window = max(1, min(16, batching.maxQueue / (2 * ScoringJob.parallelSpans * piece)))
-        var items: [Int] = []  // record indexes with an item
+        // The records that are items, with their item: index and value taken together, so the
+        // pieces below never look into a record again.
+        var items: [Int] = []
+        var values: [JSONValue] = []
         for (index, record) in records.enumerated() {
-            if case .success = record.item { items.append(index) }
+            if case .success(let data) = record.item {
+                items.append(index)
+                values.append(JSONValue(trusted: data))
+            }
         }
         var results = [ItemResult?](repeating: nil, count: records.count)
         try await withThrowingTaskGroup(of: (Int, [ItemResult]).self) { group in
@@ -218,13 +224,9 @@ struct SpanScorer: Sendable {
                     running -= 1
                     for (offset, result) in part.enumerated() { results[items[at + offset]] = result }
                 }
-                let indexes = Array(items[start..<min(items.count, start + piece)])
-                let values = indexes.map { index -> JSONValue in
-                    guard case .success(let data) = records[index].item else { preconditionFailure("only items with data are scored") }
-                    return JSONValue(trusted: data)
-                }
+                let part = Array(values[start..<min(values.count, start + piece)])
                 running += 1
-                group.addTask { (start, try await predict(values)) }
+                group.addTask { (start, try await predict(part)) }
             }
             for try await (at, part) in group {
                 for (offset, result) in part.enumerated() { results[items[at + offset]] = result }

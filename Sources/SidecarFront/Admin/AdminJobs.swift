@@ -90,7 +90,9 @@ struct AdminJobStatus: Encodable {
     var items_per_second: Double
     @ExplicitNull var eta_s: Double?
     @ExplicitNull var error: String?
+}
 
+extension AdminJobStatus {
     init(_ entry: ScoringJobs.Entry) {
         let p = entry.job.progress
         let spec = entry.job.spec
@@ -98,14 +100,5 @@ struct AdminJobStatus: Encodable {
             id: entry.id, model: entry.model, input: spec.input, output: spec.output, errors: spec.errorsPath, state: p.state.rawValue, lines: p.lines,
             done: p.done, ok: p.ok, failed: p.failed, resumed: p.resumed, items_per_second: (p.itemsPerSecond * 10).rounded() / 10, eta_s: p.eta,
             error: p.error)
-    }
-
-    init(
-        id: String, model: String, input: String, output: String, errors: String, state: String, lines: Int?, done: Int, ok: Int, failed: Int, resumed: Int,
-        items_per_second: Double, eta_s: Double?, error: String?
-    ) {
-        (self.id, self.model, self.input, self.output, self.errors, self.state) = (id, model, input, output, errors, state)
-        (self.lines, self.done, self.ok, self.failed, self.resumed) = (lines, done, ok, failed, resumed)
-        (self.items_per_second, self.eta_s, self.error) = (items_per_second, eta_s, error)
     }
 }
