@@ -56,6 +56,12 @@ import Testing
         #expect(raw(#"[{"id": 1}]"#) == nil)
         #expect(raw(#"{"id": "#) == nil)
         #expect(raw(#"{"i\"d": 1, "id": true}"#) == "true")
+        // Found by the fuzzer (Fuzz/regressions/job-records): a repeated key is read as the worker's
+        // json.loads reads it, the last one winning.
+        #expect(raw(#"{"id": {"id": 1}, "id": 3}"#) == "3")
+        #expect(raw(#"{"i\u0064": 5}"#) == "5")
+        #expect(raw(#"{}"#) == nil)
+        #expect(raw(#"{"id": 1, "#) == "1")
         for number in ["0", "-1", "1.5", "2e10", "-0.0E-3"] { #expect(JSONField.isNumber(number), "\(number)") }
         for text in ["", "-", "01", "1.", ".5", "1e", "0x10", "inf", "NaN", "1,5", " 1"] { #expect(!JSONField.isNumber(text), "\(text)") }
     }

@@ -290,8 +290,8 @@ struct JSONWriterBytes {
 
 /// Looks into JSON text without parsing all of it.
 enum JSONField {
-    /// The raw JSON text of `key`'s value when `data` is an object with that key at its top level;
-    /// nil otherwise (not an object, malformed, no such key).
+    /// The raw JSON text of `key`'s value when `data` is an object with that key at its top level
+    /// (the last one when the key repeats); nil otherwise (not an object, malformed, no such key).
     static func raw(_ key: String, in data: Data) -> Data? {
         data.withUnsafeBytes { raw -> Data? in
             let b = raw.bindMemory(to: UInt8.self)
@@ -335,24 +335,40 @@ enum JSONField {
             guard i < b.count, b[i] == 0x7B else { return nil }
             i += 1
             let wanted = Array(key.utf8)
+            // The last occurrence of a repeated key wins, as in Python's json (which the worker uses)
+            // and Foundation's parser, so the id written beside a prediction is the one the model saw.
+            var found: Range<Int>?
+            // Malformed text after the key was found still names it: an error line for an invalid
+            // record shows the id the user wrote.
+            func last() -> Data? { found.map { Data(b[$0]) } }
+            skipSpace()
+            if i < b.count, b[i] == 0x7D { return nil }
             while true {
                 skipSpace()
-                guard i < b.count, b[i] == 0x22 else { return nil }
+                guard i < b.count, b[i] == 0x22 else { return last() }
                 let keyStart = i + 1
-                guard skipString() else { return nil }
+                guard skipString() else { return last() }
                 let name = b[keyStart..<(i - 1)]
                 skipSpace()
-                guard i < b.count, b[i] == 0x3A else { return nil }
+                guard i < b.count, b[i] == 0x3A else { return last() }
                 i += 1
                 skipSpace()
                 let valueStart = i
-                guard skipValue() else { return nil }
-                if name.elementsEqual(wanted) { return Data(b[valueStart..<i]) }
+                guard skipValue() else { return last() }
+                if name.elementsEqual(wanted) || (name.contains(0x5C) && unescaped(b[(keyStart - 1)..<keyStart + name.count + 1]) == key) {
+                    found = valueStart..<i
+                }
                 skipSpace()
-                guard i < b.count, b[i] == 0x2C else { return nil }
+                if i < b.count, b[i] == 0x7D { return last() }
+                guard i < b.count, b[i] == 0x2C else { return last() }
                 i += 1
             }
         }
+    }
+
+    /// A key written with escapes (`"i\u0064"` is `"id"` to every JSON parser).
+    private static func unescaped(_ quoted: Slice<UnsafeBufferPointer<UInt8>>) -> String? {
+        (try? JSONSerialization.jsonObject(with: Data(quoted), options: [.fragmentsAllowed])) as? String
     }
 
     /// A JSON number: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?
