@@ -63,6 +63,10 @@ extension WorkerProcess {
     }
 
     func runSession(pid: pid_t) async {
+        await withTaskExecutorPreference(WorkerIO.executor) { await runSessionOnWorkerIO(pid: pid) }
+    }
+
+    private func runSessionOnWorkerIO(pid: pid_t) async {
         let deadline = ContinuousClock.now.advanced(by: spec.timeouts.startup)
         while !FileManager.default.fileExists(atPath: socketPath) {
             if Task.isCancelled { return }
@@ -78,7 +82,7 @@ extension WorkerProcess {
         options.maxResponseMessageBytes = spec.maxMessageBytes
         do {
             let transport = try HTTP2ClientTransport.Posix(
-                target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext)
+                target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext, eventLoopGroup: WorkerIO.group)
             try await withGRPCClient(transport: transport) { client in
                 let worker = Sidecar_Worker_V1_Worker.Client(wrapping: client)
                 try await worker.session(
