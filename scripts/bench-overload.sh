@@ -16,6 +16,7 @@
 #
 #   scripts/bench-overload.sh [slow|echo|all]     # DUR=10 seconds per load by default
 #   SIDECAR_BIN=/other/sidecar scripts/bench-overload.sh slow
+#   TARGET_MS=20 scripts/bench-overload.sh slow   # the model with batching.target_queue_delay_ms: 20
 #   EXTRA="--config overload.yaml" scripts/bench-overload.sh   # more `sidecar serve` arguments
 #
 # Needs h2load (Debian: nghttp2-client) and installs it if missing.
@@ -81,6 +82,12 @@ recovery() {
 run_model() {
   model=$1
   local dir="scripts/bench/models/overload_$model" base=$2
+  if [ -n "${TARGET_MS:-}" ]; then
+    # Adaptive admission: the same model with a queue-delay target (its batching block is last).
+    rm -rf "$work/model"; cp -r "$dir" "$work/model"; dir="$work/model"
+    echo "  target_queue_delay_ms: $TARGET_MS" >>"$dir/sidecar.yaml"
+    echo "$model: adaptive admission, batching.target_queue_delay_ms=$TARGET_MS"
+  fi
   "$bin" serve "$dir" --http-port "$PORT" --grpc-port $((PORT + 1)) --no-admin --log-level warning ${EXTRA:-} >"$work/server.log" 2>&1 &
   server=$!
   for _ in $(seq 240); do curl -sf -o /dev/null "http://127.0.0.1:$PORT/v2/health/ready" && break; sleep 0.5; done

@@ -101,6 +101,7 @@ final class Batcher: Sendable {
 
     private struct State {
         var items: BatchQueue
+        var admission: Admission
         var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
         var waiterOrder: Deque<UInt64> = []
         var nextWaiterID: UInt64 = 0
@@ -126,6 +127,9 @@ final class Batcher: Sendable {
     let recentRequests = LatencyWindow()
     let recentQueueWaits = LatencyWindow()
 
+    /// `sidecar_admission_refused_total` by reason, made once (not per refusal: a refusal must cost little).
+    private let refusals: [RefusalReason: Counter]
+
     init(modelName: String, batching: ModelConfiguration.Batching, maxRetries: Int, retry: Bool = true, defaultTimeout: Duration? = nil) {
         self.modelName = modelName
         self.retry = retry
@@ -136,8 +140,65 @@ final class Batcher: Sendable {
         self.maxQueue = batching.maxQueue
         self.maxDelay = batching.maxDelay
         self.maxRetries = maxRetries
-        self.state = Mutex(State(items: BatchQueue(maxBatchSize: batching.maxBatchSize)))
+        self.state = Mutex(State(
+            items: BatchQueue(maxBatchSize: batching.maxBatchSize),
+            admission: Admission(maxQueue: batching.maxQueue, maxBatchSize: batching.maxBatchSize, target: batching.targetQueueDelay)))
+        var refusals: [RefusalReason: Counter] = [:]
+        for reason in RefusalReason.allCases {
+            refusals[reason] = Counter(label: "sidecar_admission_refused_total", dimensions: [("model", modelName), ("reason", reason.rawValue)])
+        }
+        self.refusals = refusals
     }
+
+    /// How admission decides now (limit, drain rate, refusals by reason).
+    var admission: AdmissionStatus { state.withLock { $0.admission.status() } }
+
+    /// The fronts' look before they read a request's body: an error when nothing could be queued
+    /// now (closed, full, at the adaptive limit), so an overload is refused before any decoding;
+    /// nil when the request may be taken (``submit(_:deadline:)`` decides with its items).
+    func earlyRefusal() -> SidecarError? {
+        let refusal: (RefusalReason, Int)?? = state.withLock { state in
+            if state.closed { return .some(nil) }
+            let queued = state.items.queuedItems
+            guard let reason = state.admission.earlyRefusal(queued: queued) else { return nil }
+            state.admission.count(reason)
+            return (reason, queued)
+        }
+        switch refusal {
+        case .none: return nil
+        case .some(.none): return state.withLock { $0.closedReason } ?? SidecarError(.unavailable, "model '\(modelName)' is not serving")
+        case .some(.some(let (reason, queued))):
+            refusals[reason]?.increment()
+            return refusalError(reason, queued: queued, count: nil, deadline: nil)
+        }
+    }
+
+    private func refusalError(_ reason: RefusalReason, queued: Int, count: Int?, deadline: ContinuousClock.Instant?) -> SidecarError {
+        switch reason {
+        case .queueFull:
+            if let count, count > maxQueue {
+                return SidecarError(.queueFull, "model '\(modelName)': a request of \(count) items exceeds the queue limit of \(maxQueue) (batching.max_queue); send fewer items per request")
+            }
+            return SidecarError(.queueFull, "model '\(modelName)' queue is full (\(queued) of \(maxQueue) items, batching.max_queue); retry later")
+        case .queueDelay:
+            let status = admission
+            let rate = status.drainRate.map { " (the workers take about \(Int($0)) items/s)" } ?? ""
+            return SidecarError(
+                .queueFull,
+                "model '\(modelName)' is at its queueing-delay target of \(Self.milliseconds(status.targetQueueDelayMilliseconds ?? 0)) ms "
+                    + "(batching.target_queue_delay_ms): \(queued) items queued, limit \(status.limit)\(rate); retry later")
+        case .deadline:
+            let rate = admission.drainRate ?? 0
+            let ahead = rate > 0 ? Double(queued) / rate * 1000 : 0
+            let left = deadline.map { max(0, ($0 - .now).inMilliseconds) } ?? 0
+            return SidecarError(
+                .queueFull,
+                "model '\(modelName)' cannot reach this request before its deadline (about \(Int(ahead.rounded())) ms of queue ahead of it, "
+                    + "\(Int(left.rounded())) ms left); retry later, elsewhere, or allow more time")
+        }
+    }
+
+    private static func milliseconds(_ value: Double) -> Int { max(0, Int(value.rounded())) }
 
     /// Items waiting for a worker.
     var queuedItems: Int { state.withLock { $0.items.queuedItems } }
@@ -169,13 +230,12 @@ final class Batcher: Sendable {
             if state.closed {
                 return .failure(state.closedReason ?? SidecarError(.unavailable, "model '\(modelName)' is not serving"))
             }
-            if state.items.queuedItems + count > maxQueue {
-                let message = count > maxQueue
-                    ? "model '\(modelName)': a request of \(count) items exceeds the queue limit of \(maxQueue) (batching.max_queue); send fewer items per request"
-                    : "model '\(modelName)' queue is full (\(state.items.queuedItems) of \(maxQueue) items, batching.max_queue); retry later"
-                return .failure(SidecarError(.queueFull, message))
+            let now = ContinuousClock.now
+            let queued = state.items.queuedItems
+            if let reason = state.admission.decide(queued: queued, count: count, deadline: request.deadline, now: now) {
+                return .failure(Refusal(reason: reason, queued: queued))
             }
-            if let deadline = request.deadline, deadline <= .now { return .failure(deadlineError(for: request)) }
+            if let deadline = request.deadline, deadline <= now { return .failure(deadlineError(for: request)) }
             guard request.attach(continuation) else { return .failure(CancellationError()) }
             state.items.append(Chunk(request: request, range: 0..<count))
             return .success(state.popWaiter())
@@ -184,8 +244,17 @@ final class Batcher: Sendable {
         case .success(let waiter):
             deadlines.insert(request)
             waiter?.resume()
+        case .failure(let refusal as Refusal):
+            refusals[refusal.reason]?.increment()
+            continuation.resume(throwing: refusalError(refusal.reason, queued: refusal.queued, count: count, deadline: request.deadline))
         case .failure(let error): continuation.resume(throwing: error)
         }
+    }
+
+    /// A refusal decided under the lock; its message is written outside it.
+    private struct Refusal: Error {
+        let reason: RefusalReason
+        let queued: Int
     }
 
     private func deadlineError(for request: PendingRequest) -> SidecarError {
@@ -217,7 +286,10 @@ final class Batcher: Sendable {
                 if let job = state.items.takePinned(now: now, expired: &expired) {
                     return .batch(job, wake: state.items.queuedItems > 0 ? state.popWaiter() : nil)
                 }
-                guard let oldest = state.items.oldest else { return state.closed ? .finished : .wait }
+                guard let oldest = state.items.oldest else {
+                    state.admission.ranEmpty(now: now)
+                    return state.closed ? .finished : .wait
+                }
                 if maxDelay > .zero, !state.closed, state.items.queuedItems < maxBatchSize {
                     let deadline = oldest.request.enqueuedAt.advanced(by: maxDelay)
                     if deadline > now { return .linger(deadline) }
@@ -225,6 +297,9 @@ final class Batcher: Sendable {
                 guard let job = state.items.take(now: now, expired: &expired) else {
                     return state.closed && state.items.isEmpty ? .finished : .wait
                 }
+                // The item that waited least is the last one taken (the queue is in arrival order).
+                let leastWait = job.chunks.last.map { now - $0.request.enqueuedAt } ?? .zero
+                state.admission.dispatched(items: job.count, leastWait: leastWait, emptied: state.items.queuedItems == 0, now: now)
                 // More left than this batch took: let another free worker have it.
                 return .batch(job, wake: state.items.queuedItems > 0 ? state.popWaiter() : nil)
             }

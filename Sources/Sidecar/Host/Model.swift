@@ -134,6 +134,17 @@ public final class Model: Sendable {
     /// Items waiting for a worker.
     public var queuedItems: Int { batcher.queuedItems }
 
+    /// How this model admits requests now: mode, limit, measured drain rate, refusals by reason.
+    public var admission: AdmissionStatus { batcher.admission }
+
+    /// Throws the error a request would get if nothing can be queued now (the model is closed,
+    /// its queue is full, or at its adaptive limit): the fronts call this before they read a
+    /// request's body, so an overload is refused before anything is decoded. Passing it does not
+    /// reserve a place; `predict` and `infer` still decide with the items.
+    public func refuseEarly() throws {
+        if let error = batcher.earlyRefusal() { throw error }
+    }
+
     /// Batches dispatched to workers so far and the items they carried (retries count again).
     public var batchStatistics: BatchStatistics { batcher.statistics }
 

@@ -81,6 +81,9 @@ public struct ModelConfiguration: Sendable, Equatable {
         public var maxDelay: Duration = .zero
         /// The most items that may wait in the queue; past it requests are refused (default 10000).
         public var maxQueue: Int = 10_000
+        /// Adaptive admission: keep the queueing delay of accepted requests near this, refusing at
+        /// arrival what the workers would not reach in time (nil: `max_queue` alone). See ``Admission``.
+        public var targetQueueDelay: Duration?
     }
 
     public struct Timeouts: Sendable, Equatable {
@@ -339,11 +342,12 @@ private struct ConfigReader {
                     }
                 }
             case "batching":
-                for (k, v) in try mapping(value, key: key, allowed: ["max_batch_size", "max_delay_ms", "max_queue"]) {
+                for (k, v) in try mapping(value, key: key, allowed: ["max_batch_size", "max_delay_ms", "max_queue", "target_queue_delay_ms"]) {
                     let path = "batching.\(k)"
                     switch k {
                     case "max_batch_size": config.batching.maxBatchSize = try int(v, key: path, range: 1...65_536)
                     case "max_delay_ms": config.batching.maxDelay = try seconds(v, key: path, milliseconds: true, allowZero: true)
+                    case "target_queue_delay_ms": config.batching.targetQueueDelay = try seconds(v, key: path, milliseconds: true)
                     default: config.batching.maxQueue = try int(v, key: path, range: 1...100_000_000)
                     }
                 }

@@ -82,12 +82,25 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
 
     /// `{"error": "..."}`, as Open Inference Protocol clients expect.
     func response(from request: Request, context: some RequestContext) throws -> Response {
-        let body = try JSONEncoder().encode(["error": message])
+        Response(status: status, headers: responseHeaders, body: .init(byteBuffer: ByteBuffer(bytes: jsonBody)))
+    }
+
+    /// `{"error": "..."}`.
+    var jsonBody: [UInt8] {
+        var json = JSONWriter()
+        json.raw("{\"error\":")
+        json.string(message)
+        json.raw("}")
+        return Array(json.data)
+    }
+
+    /// The headers of the error's HTTP response (without its length).
+    var responseHeaders: HTTPFields {
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
         if code == .queueFull { headers[.retryAfter] = "1" }
         if code == .unauthenticated { headers[.wwwAuthenticate] = "Bearer" }
-        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(data: body)))
+        return headers
     }
 
     /// Maps any error from the host, a model or a decoder to what the client is told.

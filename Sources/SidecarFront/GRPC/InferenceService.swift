@@ -102,6 +102,19 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         response: RPCWriter<Inference_ModelStreamInferResponse>,
         context: ServerContext
     ) async throws {
+        try await streamInfer(request.map { StreamItem.request($0) }, response: response)
+    }
+
+    /// A message of a `ModelStreamInfer` stream: a request to run, or one refused before it was
+    /// decoded (``InferenceServiceRegistration``), answered in the stream with its error.
+    enum StreamItem: Sendable {
+        case request(Inference_ModelInferRequest)
+        case refused(id: String, model: String, FrontError)
+    }
+
+    func streamInfer(
+        _ items: some AsyncSequence<StreamItem, any Error> & Sendable, response: RPCWriter<Inference_ModelStreamInferResponse>
+    ) async throws {
         let (responses, sink) = AsyncStream.makeStream(of: Inference_ModelStreamInferResponse.self)
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
@@ -109,7 +122,16 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
             }
             do {
                 try await withThrowingTaskGroup(of: Void.self) { requests in
-                    for try await inferRequest in request {
+                    for try await item in items {
+                        guard case .request(let inferRequest) = item else {
+                            if case .refused(let id, let model, let error) = item {
+                                sink.yield(.with {
+                                    $0.errorMessage = error.message
+                                    $0.inferResponse = .with { $0.id = id; $0.modelName = model }
+                                })
+                            }
+                            continue
+                        }
                         requests.addTask {
                             do {
                                 let answer = try await infer(inferRequest)
@@ -130,6 +152,20 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
             }
             sink.finish()
             try await group.waitForAll()
+        }
+    }
+
+    /// The model a request's bytes name, asked whether it can take anything now; throws the
+    /// refusal (RESOURCE_EXHAUSTED when it is overloaded) before the request is decoded. Bytes that
+    /// cannot be peeked pass: their decode says what is wrong with them.
+    func refuseEarly(_ raw: InferRequestBytes, since start: ContinuousClock.Instant) throws {
+        guard let peek = InferRequestPeek(raw.bytes) else { return }
+        do {
+            try model(peek.model, version: peek.version, routingKey: peek.id).refuseEarly()
+        } catch {
+            let failure = FrontError.from(error)
+            metrics.record(model: peek.model, protocol: "grpc", since: start, error: failure)
+            throw failure.rpcError
         }
     }
 

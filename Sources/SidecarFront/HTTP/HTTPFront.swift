@@ -139,8 +139,9 @@ struct HTTPFront: Sendable {
         let start = ContinuousClock.now
         let name = context.parameters.get("model") ?? "?"
         do {
-            // The name is checked before the body is read; the version is picked after, by the request's id.
-            _ = try model(context)
+            // The name is checked before the body is read, and so is the room: an overload is
+            // refused before anything is decoded. The version is picked after, by the request's id.
+            try model(context).refuseEarly()
             let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
             let model = try model(context, routingKey: decoded.id)
@@ -174,6 +175,7 @@ struct HTTPFront: Sendable {
         let name = String(spec.dropLast(":predict".count))
         do {
             let model = try host.resolve(name)
+            try model.refuseEarly()
             let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
             let out = try KServeV1.response(try await model.predict(batch: items, deadline: deadline))

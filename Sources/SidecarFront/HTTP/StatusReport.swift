@@ -39,9 +39,38 @@ struct StatusReport: Encodable {
         /// Why an embedded model runs with process workers, or who shares its interpreter.
         @ExplicitNull var executorNote: String?
         var workers: [Worker]
+        /// How requests are admitted: `max_queue` alone, or the adaptive queue-delay target.
+        var admission: Admission
 
         enum CodingKeys: String, CodingKey {
-            case name, version, weight, state, reason, detail, queued, executor, executorNote = "executor_note", workers
+            case name, version, weight, state, reason, detail, queued, executor, executorNote = "executor_note", workers, admission
+        }
+    }
+
+    struct Admission: Encodable {
+        var mode: String
+        var limit: Int
+        @ExplicitNull var targetQueueDelayMs: Double?
+        @ExplicitNull var drainRate: Double?
+        @ExplicitNull var minQueueDelayMs: Double?
+        /// The last interval's items all waited past the target (the adaptive limit is shrinking).
+        var standingQueue: Bool
+        /// Requests refused at arrival, by reason (queue_full, queue_delay, deadline).
+        var refused: [String: Int]
+
+        enum CodingKeys: String, CodingKey {
+            case mode, limit, targetQueueDelayMs = "target_queue_delay_ms", drainRate = "drain_rate_items_per_s"
+            case minQueueDelayMs = "min_queue_delay_ms", standingQueue = "standing_queue", refused
+        }
+
+        init(_ status: AdmissionStatus) {
+            mode = status.mode
+            limit = status.limit
+            targetQueueDelayMs = status.targetQueueDelayMilliseconds
+            drainRate = status.drainRate.map { ($0 * 10).rounded() / 10 }
+            minQueueDelayMs = status.minQueueDelayMilliseconds.map { ($0 * 100).rounded() / 100 }
+            standingQueue = status.standingQueue
+            refused = Dictionary(uniqueKeysWithValues: RefusalReason.allCases.map { ($0.rawValue, status.refused[$0] ?? 0) })
         }
     }
 
@@ -87,7 +116,8 @@ struct StatusReport: Encodable {
                     index: w.index, state: w.state.rawValue, pid: w.pid, restarts: w.restarts, recycles: w.recycles,
                     lastError: w.lastError, rssBytes: w.rssBytes, inFlight: w.inFlight, batchesServed: w.batchesServed,
                     itemsServed: w.itemsServed, pythonVersion: w.pythonVersion)
-            })
+            },
+            admission: Admission(model.admission))
     }
 
     static func host(_ host: ModelHost, repository: RepositorySync? = nil, inboxes: InboxService? = nil) -> StatusReport {

@@ -38,21 +38,47 @@ final class FrontMetrics: Sendable {
     /// The `model` label of requests naming a model that is not loaded.
     static let unknownModel = "_unknown"
 
+    /// The handles of one (model, protocol, error code), made once: a request, and above all a
+    /// refusal under overload, must not pay for building labels and looking them up in the factory.
+    private struct Handles {
+        let requests: Metrics.Counter
+        let errors: Metrics.Counter?
+        let seconds: Metrics.Timer
+    }
+
+    private struct HandleKey: Hashable {
+        let model: String
+        let proto: String
+        let code: String?
+    }
+
+    private let handles = Mutex<[HandleKey: Handles]>([:])
+
     /// Counts one request and its latency; `error` is nil when it succeeded.
     func record(model: String, protocol proto: String, since start: ContinuousClock.Instant, error: FrontError?) {
         // Requests for models (or versions) that do not exist share one label: a client sending
         // made-up names must not grow the registry, and the /metrics page, without bound.
-        let labels = [("model", error?.code == .notFound ? Self.unknownModel : model), ("protocol", proto)]
-        Counter(label: "sidecar_requests_total", dimensions: labels).increment()
-        if let error {
-            Counter(label: "sidecar_request_errors_total", dimensions: labels + [("code", error.metricLabel)]).increment()
-        }
-        Metrics.Timer(label: "sidecar_request_seconds", dimensions: labels).recordNanoseconds((ContinuousClock.now - start).inNanoseconds)
+        let key = HandleKey(model: error?.code == .notFound ? Self.unknownModel : model, proto: proto, code: error?.metricLabel)
+        let found = handles.withLock { $0[key] } ?? {
+            let labels = [("model", key.model), ("protocol", proto)]
+            let made = Handles(
+                requests: Counter(label: "sidecar_requests_total", dimensions: labels),
+                errors: key.code.map { Counter(label: "sidecar_request_errors_total", dimensions: labels + [("code", $0)]) },
+                seconds: Metrics.Timer(label: "sidecar_request_seconds", dimensions: labels))
+            // Only loaded models get past the unknown-model label, so the table stays as small as the registry.
+            handles.withLock { $0[key] = made }
+            return made
+        }()
+        found.requests.increment()
+        found.errors?.increment()
+        found.seconds.recordNanoseconds((ContinuousClock.now - start).inNanoseconds)
     }
 
     /// The gauges read from the host at each scrape, with their `# HELP` text.
     private static let help: [String: String] = [
         "sidecar_queue_depth": "Items waiting for a worker.",
+        "sidecar_admission_limit": "Queued items the model admits now: max_queue, or the adaptive limit (batching.target_queue_delay_ms).",
+        "sidecar_admission_drain_rate": "Items per second the workers took from the queue while it stayed backlogged (the adaptive limit's measure).",
         "sidecar_workers": "Worker slots by state.",
         "sidecar_worker_restarts": "Worker processes replaced after ending unexpectedly, all slots.",
         "sidecar_model_failed": "1 while the model is FAILED (crash-loop breaker tripped), else 0.",
@@ -72,6 +98,9 @@ final class FrontMetrics: Sendable {
         for name in host.modelNames {
             guard let model = host.model(named: name) else { continue }
             gauge("sidecar_queue_depth", [("model", name)]).set(Double(model.queuedItems))
+            let admission = model.admission
+            gauge("sidecar_admission_limit", [("model", name)]).set(Double(admission.limit))
+            gauge("sidecar_admission_drain_rate", [("model", name)]).set(admission.drainRate ?? 0)
             let workers = model.workers
             for state in WorkerStatus.State.allCases {
                 gauge("sidecar_workers", [("model", name), ("state", state.rawValue)]).set(Double(workers.filter { $0.state == state }.count))

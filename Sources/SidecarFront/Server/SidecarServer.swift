@@ -101,6 +101,8 @@ public func runServer(
 
     let http = Application(
         router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync, inboxes: inboxes).router(),
+        // An overloaded model's requests are refused from their heads on the event loop.
+        server: .http1(configuration: .init(additionalChannelHandlers: [EarlyRefusalHandler(host: host, metrics: metrics)])),
         configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar"),
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
@@ -113,7 +115,7 @@ public func runServer(
     let grpc = GRPCServer(
         transport: .http2NIOPosix(
             address: .ipv4(host: configuration.host, port: configuration.grpcPort), transportSecurity: .plaintext, config: transportConfig),
-        services: [InferenceService(host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes), HealthService(host: host, readiness: readiness)])
+        services: [InferenceServiceRegistration(service: InferenceService(host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes)), HealthService(host: host, readiness: readiness)])
 
     var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
         .init(service: host),
