@@ -326,6 +326,8 @@ struct AdminModel: Encodable {
     var executor: String
     @ExplicitNull var executorNote: String?
     var workers: [StatusReport.Worker]
+    /// How requests are admitted (the same block as `/status`).
+    var admission: StatusReport.Admission
 
     struct Autoscaling: Encodable {
         var min: Int
@@ -342,7 +344,7 @@ struct AdminModel: Encodable {
     enum CodingKeys: String, CodingKey {
         case name, state, reason, directory, workersReady = "workers_ready", workersTarget = "workers_target", queued
         case requestsPerSecond = "requests_per_second", p99Milliseconds = "p99_ms", restarts, autoscaling, workers
-        case executor, executorNote = "executor_note"
+        case executor, executorNote = "executor_note", admission
     }
 
     init(_ model: Model) {
@@ -367,5 +369,6 @@ struct AdminModel: Encodable {
         self.workers = status.workers
         executor = status.executor
         executorNote = status.executorNote
+        admission = status.admission
     }
 }
