@@ -38,18 +38,19 @@ import Testing
     @Test func aStandingQueueShrinksTheLimitByTheRatioAndAtMostByHalf() {
         var a = Admission(maxQueue: 1000, maxBatchSize: 8, target: .milliseconds(20), now: start)
         #expect(a.status().limit == 1000)
+        // (15,000 items per 100 ms: four targets' worth is far above max_queue, so only the ratio moves it.)
         // Every item waited 40 ms, twice the target: the limit halves.
-        var t = backlogged(&a, from: 0, intervals: 1, perInterval: 150, wait: .milliseconds(40))
+        var t = backlogged(&a, from: 0, intervals: 1, perInterval: 15_000, wait: .milliseconds(40))
         #expect(a.status().limit == 500)
         #expect(a.status().standingQueue)
         // 400 ms is 20 × the target, but one step never cuts more than half.
-        t = backlogged(&a, from: t, intervals: 1, perInterval: 150, wait: .milliseconds(400))
+        t = backlogged(&a, from: t, intervals: 1, perInterval: 15_000, wait: .milliseconds(400))
         #expect(a.status().limit == 250)
         // 25 ms: 0.8 of the limit.
-        t = backlogged(&a, from: t, intervals: 1, perInterval: 150, wait: .milliseconds(25))
+        t = backlogged(&a, from: t, intervals: 1, perInterval: 15_000, wait: .milliseconds(25))
         #expect(a.status().limit == 200)
         // Never below one batch.
-        t = backlogged(&a, from: t, intervals: 20, perInterval: 150, wait: .milliseconds(400))
+        t = backlogged(&a, from: t, intervals: 20, perInterval: 15_000, wait: .milliseconds(400))
         #expect(a.status().limit == 8)
         #expect(a.decide(queued: 8, count: 1, deadline: nil, now: at(t + 1)) == .queueDelay)
         #expect(a.earlyRefusal(queued: 8) == .queueDelay)
@@ -67,6 +68,16 @@ import Testing
         #expect(!a.status().standingQueue)
         t = backlogged(&a, from: t, intervals: 60, perInterval: 150, wait: .milliseconds(1))
         #expect(a.status().limit == 100)
+    }
+
+    @Test func theLimitGrowsBackOnlyToFourTargetsWorthAtTheDrainRate() {
+        var a = Admission(maxQueue: 10_000, maxBatchSize: 8, target: .milliseconds(20), now: start)
+        // 100 items per 100 ms is 1000 items/s: four 20 ms targets' worth is 80 items.
+        var t = backlogged(&a, from: 0, intervals: 1, perInterval: 100, wait: .milliseconds(100))
+        #expect(a.status().limit == 80)
+        t = backlogged(&a, from: t, intervals: 100, perInterval: 100, wait: .milliseconds(1))
+        #expect(a.status().limit == 80)
+        #expect(a.decide(queued: 80, count: 1, deadline: nil, now: at(t + 1)) == .queueDelay)
     }
 
     @Test func theDrainRateIsMeasuredOnlyWhileBacklogged() throws {

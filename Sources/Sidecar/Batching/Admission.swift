@@ -38,8 +38,9 @@ public struct AdmissionStatus: Sendable, Equatable {
 /// dispatched is CoDel's standing-queue signal: when even that one waited past the target, the
 /// queue is standing, not a burst passing through, and the limit shrinks by target ÷ least wait
 /// (at most by half at once), as a gradient concurrency limit does; otherwise it grows back by a
-/// tenth per interval, to `max_queue`. A burst at low load therefore meets the full queue, and
-/// under a sustained overload the limit settles where accepted items wait about the target. The
+/// tenth per interval, up to four targets' worth at the drain rate (or `max_queue`). A burst at
+/// low load therefore passes, and under a sustained overload the limit settles where accepted
+/// items wait about the target. The
 /// drain rate (items dispatched per interval while the queue never emptied: the workers' capacity
 /// as it is now, smoothed) prices a request's deadline: one that would wait longer than its own
 /// deadline behind what is queued is refused at once rather than timed out later after it took
@@ -88,8 +89,10 @@ struct Admission {
             // bounds waiting, and an empty queue has none.
             reason = .queueDelay
         } else if target != nil, let deadline, let rate = drainRate, rate > 0,
-            now.advanced(by: .seconds(Double(queued) / rate)) > deadline
+            now.advanced(by: .seconds(Double(queued + count + floor) / rate)) > deadline
         {
+            // Its answer comes after what is queued ahead, its own items and about one batch
+            // already running on the worker that will take it.
             reason = .deadline
         } else {
             reason = nil
@@ -151,13 +154,23 @@ struct Admission {
                 limit = Swift.max(floor, Int((Double(limit) * ratio).rounded()))
             } else if intervalIdle || intervalMinWait != nil {
                 standing = false
-                limit = Swift.min(maxQueue, limit + Swift.max(1, limit / 10))
+                limit = Swift.min(ceiling, limit + Swift.max(1, limit / 10))
             }
+            limit = Swift.min(limit, ceiling)
         }
         intervalStart = now
         intervalDispatched = 0
         intervalMinWait = nil
         intervalIdle = false
+    }
+
+    /// How far the adaptive limit grows back: four targets' worth at the measured drain rate (a
+    /// burst may wait up to four targets before the limit cuts it), `max_queue` before any rate is
+    /// known. Without it a long calm would let the next overload's first wave fill all of
+    /// `max_queue` and wait its whole length.
+    private var ceiling: Int {
+        guard let target, let rate = drainRate else { return maxQueue }
+        return Swift.max(floor, Swift.min(maxQueue, Int((rate * inSeconds(target) * 4).rounded(.up))))
     }
 
     func status() -> AdmissionStatus {

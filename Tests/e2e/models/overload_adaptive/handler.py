@@ -1,0 +1,8 @@
+"""20 ms per batch whatever its size: a model whose capacity is its batch size over its latency."""
+
+import time
+
+
+def predict(batch):
+    time.sleep(0.02)
+    return batch
