@@ -121,7 +121,7 @@ run_model() {
 
 case "$which" in
   slow) run_model slow 64 ;;
-  echo) run_model echo 32 ;;
-  all) run_model slow 64; run_model echo 32 ;;
+  echo) run_model echo 64 ;;
+  all) run_model slow 64; run_model echo 64 ;;
   *) echo "usage: $0 [slow|echo|all]" >&2; exit 2 ;;
 esac
