@@ -5,7 +5,9 @@
 # not) and open loop (h2load --rps: a fixed rate spread over 10× the connections, whatever the
 # answers). Each line prints goodput (200s per second) and its ratio to the capacity, refusals (429)
 # and other failures per second, the p50/p99 of accepted requests (h2load's own per-request log,
-# client side), the server's CPU (% of one core, the server and its workers apart) and RSS. After
+# client side), the same for a light probe client beside the load (4 connections at 25 req/s on
+# core 0: the loaded generator's own queueing inflates what it measures at 10×, the probe's does
+# not), the server's CPU (% of one core, the server and its workers apart) and RSS. After
 # the 10× loads, a probe (one connection, 100 req/s) measures how long until every request is
 # accepted again within 2 × the 1× p99: the time to return to normal.
 #
@@ -58,17 +60,26 @@ level() {
   local log="$work/$model-$label.log" s0 w0 t0 t1 line
   rm -f "$log"
   s0=$(ticks "$server"); w0=$(worker_ticks); t0=$(now_us)
+  # The probe: 4 connections at 25 req/s each, on core 0, beside the load. The load generator is
+  # saturated at 10× (its own queueing adds to what it measures); the probe's client is not, so
+  # its accepted requests' latency is what a caller sees from the server.
+  (sleep 1; taskset -c 0 h2load --h1 -t1 -c4 --rps 25 -D $((D - 2)) -d "$work/body" -H 'content-type: application/json' \
+    --log-file "$log.probe" "http://127.0.0.1:$PORT/v2/models/$model/infer" >/dev/null 2>&1) &
+  local probe=$!
   load "$log" "$@"
+  wait $probe 2>/dev/null || true
   t1=$(now_us)
   local secs; secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e6 }')  # for CPU %
   line=$($py "$stats" load "$log")
+  local probe_line; probe_line=$($py "$stats" load "$log.probe" 2>/dev/null | sed 's/.*p50_ms=\([0-9.na]*\) p99_ms=\([0-9.na]*\).*/probe_p50_ms=\1 probe_p99_ms=\2/')
   goodput=$(echo "$line" | sed 's/.*goodput=\([0-9]*\).*/\1/')
   p99=$(echo "$line" | sed 's/.*p99_ms=\([0-9.na]*\).*/\1/')
   local cpu; cpu=$(awk -v s=$(( $(ticks "$server") - s0 )) -v w=$(( $(worker_ticks) - w0 )) -v t="$secs" -v hz="$(getconf CLK_TCK)" \
     'BEGIN { printf "server_cpu=%.0f%% workers_cpu=%.0f%%", s / hz / t * 100, w / hz / t * 100 }')
   local ratio=""
   [ -n "${capacity:-}" ] && ratio=$(awk -v g="$goodput" -v c="$capacity" 'BEGIN { printf " goodput/capacity=%.2f", g / c }')
-  echo "$model $label $line$ratio $cpu rss=$(rss_mb "$server")MB"
+  echo "$model $label $line$ratio $probe_line $cpu rss=$(rss_mb "$server")MB"
+  probe_p99=$(echo "$probe_line" | sed 's/.*probe_p99_ms=//')
   last_end=$t1
 }
 
@@ -97,7 +108,7 @@ run_model() {
   level "1x-closed-c$base" -D "$D" -c "$base"
   capacity=$goodput
   base_p99=$p99
-  echo "$model capacity=$capacity req/s (goodput at $base connections), accepted p99 at 1x=${base_p99} ms"
+  echo "$model capacity=$capacity req/s (goodput at $base connections), accepted p99 at 1x=${base_p99} ms (probe: ${probe_p99} ms)"
   for k in 2 5 10; do
     level "${k}x-closed-c$((k * base))" -D "$D" -c $((k * base))
   done

@@ -15,7 +15,7 @@
   its deadline (refused.deadline in /status);
 - the 429's status, headers and body over HTTP, RESOURCE_EXHAUSTED over gRPC, and /status agreeing
   with /metrics (sidecar_admission_refused_total, _limit, _drain_rate);
-- the server's RSS stays flat over ~45 s of sustained overload.
+- the server's RSS stays flat over a minute of sustained overload.
 
 The load generator is this file run as a script (`python test_overload.py load CONFIG`): asyncio
 over raw sockets, one coroutine per keep-alive connection, each sending again as soon as it is
@@ -833,16 +833,16 @@ def test_request_that_cannot_be_reached_before_its_deadline_is_refused_at_once(s
 
 
 def test_rss_stays_flat_under_sustained_overload(server):
-    """45 s of 320 connections on both slow models: the server's RSS at the end is not much above
-    its RSS after the first 10 s."""
+    """70 s of 320 connections on both slow models: the server's RSS at the end is not much above
+    its RSS after the first 10 s (a minute apart)."""
     samples: list[tuple[float, float]] = []
-    with Load(server, [SLOW, ADAPTIVE], OVERLOAD_CONNECTIONS, duration=45, warmup=2) as load:
+    with Load(server, [SLOW, ADAPTIVE], OVERLOAD_CONNECTIONS, duration=70, warmup=2) as load:
         while time.monotonic() < load.stop_at - 0.5:
             samples.append((time.monotonic() - load.started, server.rss_mb()))
             time.sleep(1)
         summary = load.result()
     early = [mb for t, mb in samples if 8 <= t <= 12]
-    late = [mb for t, mb in samples if t >= 40]
+    late = [mb for t, mb in samples if t >= 65]
     facts = (f"RSS {sorted(early)[len(early) // 2] if early else None} MB at ~10 s, "
              f"{sorted(late)[len(late) // 2] if late else None} MB at the end, max {max(mb for _, mb in samples):.1f} MB; "
              f"{summary['answered']} answers {summary['by_status']} {summary['refusal_reasons']}; samples "

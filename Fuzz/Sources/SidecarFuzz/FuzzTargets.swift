@@ -185,7 +185,13 @@ func fuzzKServeV1(_ data: Data) {
 }
 
 func fuzzGRPCInfer(_ data: Data) {
+    // The early refusal's look at the wire format must agree with the decoder on every message
+    // the decoder accepts (nil only means "let the decoder say").
+    let peek = InferRequestPeek(Array(data))
     guard let request = try? Inference_ModelInferRequest(serializedBytes: data) else { return }
+    if let peek, peek != InferRequestPeek(model: request.modelName, version: request.modelVersion, id: request.id) {
+        violated("the peek read \(peek), the decoder \(request.modelName) \(request.modelVersion) \(request.id)")
+    }
     _ = GRPCTensors.payloadBytes(of: request)
     do { _ = try Deadlines.timeout(request.parameters["timeout"]) } catch { expectRequestError(error, "gRPC timeout parameter") }
     let inputs: [Tensor]
