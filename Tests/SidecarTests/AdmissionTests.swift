@@ -70,6 +70,16 @@ import Testing
         #expect(a.status().limit == 100)
     }
 
+    @Test func aCalmWithNoTrafficGrowsTheLimitBackAsIfEveryIntervalHadBeenSeen() {
+        var a = Admission(maxQueue: 1000, maxBatchSize: 8, target: .milliseconds(20), now: start)
+        let t = backlogged(&a, from: 0, intervals: 6, perInterval: 15_000, wait: .milliseconds(400))
+        #expect(a.status().limit == 16)  // 1000 halved six times
+        // The workers found the queue empty, then nothing happened for 10 s: one late look.
+        a.ranEmpty(now: at(t + 10))
+        _ = a.decide(queued: 0, count: 1, deadline: nil, now: at(t + 10_000))
+        #expect(a.status().limit > 500)
+    }
+
     @Test func theLimitGrowsBackOnlyToFourTargetsWorthAtTheDrainRate() {
         var a = Admission(maxQueue: 10_000, maxBatchSize: 8, target: .milliseconds(20), now: start)
         // 100 items per 100 ms is 1000 items/s: four 20 ms targets' worth is 80 items.

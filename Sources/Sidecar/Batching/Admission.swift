@@ -154,7 +154,12 @@ struct Admission {
                 limit = Swift.max(floor, Int((Double(limit) * ratio).rounded()))
             } else if intervalIdle || intervalMinWait != nil {
                 standing = false
-                limit = Swift.min(ceiling, limit + Swift.max(1, limit / 10))
+                // A tenth per interval that passed: after a calm with no traffic (no call to roll
+                // in between), the limit is as far back as if every interval had been seen.
+                let passed = Swift.min(64, Int(seconds / inSeconds(Self.interval)))
+                for _ in 0..<Swift.max(1, passed) where limit < ceiling {
+                    limit = Swift.min(ceiling, limit + Swift.max(1, limit / 10))
+                }
             }
             limit = Swift.min(limit, ceiling)
         }
