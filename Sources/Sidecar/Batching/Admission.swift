@@ -88,11 +88,11 @@ struct Admission {
             // A request always gets in when the queue is empty, whatever its size: the limit
             // bounds waiting, and an empty queue has none.
             reason = .queueDelay
-        } else if target != nil, let deadline, let rate = drainRate, rate > 0,
-            now.advanced(by: .seconds(Double(queued + count + floor) / rate)) > deadline
+        } else if target != nil, queued > 0, let deadline, let rate = drainRate, rate > 0,
+            now.advanced(by: .seconds(Double(queued + count) / rate)) > deadline
         {
-            // Its answer comes after what is queued ahead, its own items and about one batch
-            // already running on the worker that will take it.
+            // Its answer comes after what is queued ahead and its own items; an empty queue is
+            // never priced (a free worker may take the request at once).
             reason = .deadline
         } else {
             reason = nil
@@ -175,7 +175,9 @@ struct Admission {
     /// `max_queue` and wait its whole length.
     private var ceiling: Int {
         guard let target, let rate = drainRate else { return maxQueue }
-        return Swift.max(floor, Swift.min(maxQueue, Int((rate * inSeconds(target) * 4).rounded(.up))))
+        // At least four batches: with room for only one, every batch taken would empty the queue,
+        // no interval would be backlogged, and the drain rate could never be measured again.
+        return Swift.min(maxQueue, Swift.max(floor * 4, Int((rate * inSeconds(target) * 4).rounded(.up))))
     }
 
     func status() -> AdmissionStatus {

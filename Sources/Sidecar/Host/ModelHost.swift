@@ -137,6 +137,24 @@ public final class ModelHost: Service, Sendable {
         return found
     }
 
+    /// The fronts' look before a request's body is read: throws what the request would be told if
+    /// nothing it could reach can take it now (closed, queue full, at its adaptive limit). A name
+    /// split across versions, asked without a version (the request id that picks one is in the
+    /// body), is refused only when every version with a share refuses.
+    public func refuseEarly(_ name: String, version: String? = nil) throws {
+        let version = version.flatMap { $0.isEmpty ? nil : $0 }
+        let candidates: [Model] = state.withLock { state in
+            guard version == nil, let versions = state.versions[name] else { return [] }
+            return versions.split.shares.compactMap { versions.loaded[$0.version] }
+        }
+        guard candidates.count > 1 else { return try resolve(name, version: version).refuseEarly() }
+        var refusal: (any Error)?
+        for model in candidates {
+            do { try model.refuseEarly(); return } catch { refusal = error }
+        }
+        if let refusal { throw refusal }
+    }
+
     /// Every loaded model, each version of a name on its own, by name then version.
     public var loadedModels: [Model] {
         state.withLock { state in

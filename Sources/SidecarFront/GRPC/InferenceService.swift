@@ -209,7 +209,9 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
                 $0.rawOutputContents = selected.map(\.data)
             }
         } catch {
-            metrics.record(model: request.modelName, protocol: "grpc", since: start, error: FrontError.from(error))
+            // Named only once resolved: a client's made-up names must not grow the metrics.
+            let resolved = (try? host.resolve(request.modelName, version: request.modelVersion)) != nil
+            metrics.record(model: resolved ? request.modelName : FrontMetrics.unknownModel, protocol: "grpc", since: start, error: FrontError.from(error))
             throw error
         }
     }

@@ -30,6 +30,8 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private var unanswered = 0
     /// The body of a request refused here is still arriving: drop it.
     private var dropping = false
+    /// A refused request asked to close the connection: nothing more is read from it.
+    private var closing = false
 
     init(host: ModelHost, metrics: FrontMetrics) {
         self.host = host
@@ -40,7 +42,8 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let part = unwrapInboundIn(data)
         switch part {
         case .head(let head):
-            if unanswered == 0, let refusal = refusal(for: head) {
+            if closing { return }
+            if unanswered == 0, let refusal = refusal(for: head, context: context) {
                 dropping = true
                 write(refusal.error, closing: head.headerFields[.connection]?.lowercased() == "close", context: context)
                 metrics.record(model: refusal.model, protocol: refusal.protocol, since: refusal.start, error: refusal.error)
@@ -48,8 +51,9 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
             }
             unanswered += 1
         case .body:
-            if dropping { return }
+            if dropping || closing { return }
         case .end:
+            if closing { return }
             if dropping {
                 dropping = false
                 return
@@ -70,12 +74,18 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let start: ContinuousClock.Instant
     }
 
-    private func refusal(for head: HTTPRequest) -> Refusal? {
+    private func refusal(for head: HTTPRequest, context: ChannelHandlerContext) -> Refusal? {
+        // A client that does not read its answers must meet the router's backpressure (one request
+        // at a time, written as the socket takes it), not a refusal buffered for every head it sends.
+        guard context.channel.isWritable else { return nil }
         guard head.method == .post, let path = head.path, let target = Self.inferenceTarget(path) else { return nil }
+        // A request that waits for "100 Continue" is left to the router: answered here, the client
+        // might hold its body back and the connection's framing would be lost.
+        guard head.headerFields[.expect] == nil else { return nil }
         let start = ContinuousClock.now
-        guard let model = try? host.resolve(target.model, version: target.version) else { return nil }
+        guard (try? host.resolve(target.model, version: target.version)) != nil else { return nil }
         do {
-            try model.refuseEarly()
+            try host.refuseEarly(target.model, version: target.version)
             return nil
         } catch {
             return Refusal(model: target.model, protocol: target.protocol, error: FrontError.from(error), start: start)
@@ -112,8 +122,11 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.write(wrapOutboundOut(.head(HTTPResponse(status: error.status, headerFields: fields))), promise: nil)
         context.write(wrapOutboundOut(.body(context.channel.allocator.buffer(bytes: body))), promise: nil)
         if closing {
+            // Half-close, as Hummingbird does: a full close with the body unread would reset the
+            // connection, and the client could lose the answer while it is still sending.
+            self.closing = true
             let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in bound.value.close(promise: nil) }
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in bound.value.close(mode: .output, promise: nil) }
         } else {
             context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: nil)
         }

@@ -141,7 +141,8 @@ struct HTTPFront: Sendable {
         do {
             // The name is checked before the body is read, and so is the room: an overload is
             // refused before anything is decoded. The version is picked after, by the request's id.
-            try model(context).refuseEarly()
+            _ = try model(context)
+            try host.refuseEarly(name, version: context.parameters.get("version"))
             let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
             let model = try model(context, routingKey: decoded.id)
@@ -175,7 +176,7 @@ struct HTTPFront: Sendable {
         let name = String(spec.dropLast(":predict".count))
         do {
             let model = try host.resolve(name)
-            try model.refuseEarly()
+            try host.refuseEarly(name)
             let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
             let out = try KServeV1.response(try await model.predict(batch: items, deadline: deadline))
