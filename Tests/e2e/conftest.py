@@ -7,6 +7,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,30 +71,30 @@ def _ready(base: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def server():
+@contextlib.contextmanager
+def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar-e2e-"):
+    """`sidecar serve MODEL_DIR...` on two free loopback ports, ready; stopped by SIGTERM after,
+    which must end it with exit code 0. `server_class` is `Server` or a subclass (same fields)."""
     if not (os.path.isfile(SIDECAR_BIN) and os.access(SIDECAR_BIN, os.X_OK)):
         pytest.fail(f"sidecar binary not found or not executable: {SIDECAR_BIN} (set SIDECAR_BIN)")
     http_port = _free_port()
     grpc_port = _free_port()
     while grpc_port == http_port:
         grpc_port = _free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="sidecar-e2e-"))
+    log_dir = Path(tempfile.mkdtemp(prefix=prefix))
     log_path = log_dir / "server.log"
     command = [
-        SIDECAR_BIN, "serve",
-        str(REPO / "Examples" / "echo"),
-        str(HERE / "models" / "typed"),
+        SIDECAR_BIN, "serve", *[str(d) for d in model_dirs],
         "--http-port", str(http_port),
         "--grpc-port", str(grpc_port),
         "--no-admin",  # the admin API has its own tests (test_admin.py), with their own servers
         "--cache-dir", CACHE_DIR,
-        "--max-body-bytes", str(MAX_BODY_BYTES),
         "--log-level", "warning",
+        *extra_args,
     ]
     log_file = open(log_path, "wb")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
-    srv = Server(http_port, grpc_port, process, log_path)
+    srv = (server_class or Server)(http_port, grpc_port, process, log_path)
     deadline = time.monotonic() + READY_TIMEOUT_S
     try:
         while True:
@@ -121,3 +122,11 @@ def server():
         log_file.close()
         assert code == 0, f"sidecar serve exit code {code} after SIGTERM (expected 0)\n--- log ---\n{srv.log()}"
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server():
+    with running_server(
+        [REPO / "Examples" / "echo", HERE / "models" / "typed"], ["--max-body-bytes", str(MAX_BODY_BYTES)]
+    ) as srv:
+        yield srv

@@ -55,13 +55,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
+from conftest import HERE, REPO, Server, running_server  # noqa: E402 - the e2e harness's server start and stop
+
 MODELS = HERE / "models"
-SIDECAR_BIN = os.environ.get("SIDECAR_BIN", str(REPO / ".build" / "debug" / "sidecar"))
-CACHE_DIR = os.environ.get("SIDECAR_CACHE_DIR", str(REPO / ".build" / "test-cache"))
-READY_TIMEOUT_S = 240
-STOP_TIMEOUT_S = 45
 
 SLOW = "overload_slow"          # fixed admission, max_queue 40, 80 ms per batch of 4, 2 workers: 100 items/s
 ADAPTIVE = "overload_adaptive"  # target_queue_delay_ms 20, max_queue 10000, 20 ms per batch of 4, 2 workers: 400/s
@@ -295,22 +291,8 @@ def _load_main(cfg: dict) -> None:
 # ------------------------------------------------------------------------------- test harness
 
 
-@dataclass
-class Server:
-    http_port: int
-    grpc_port: int
-    process: subprocess.Popen
-    log_path: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def log(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError as error:
-            return f"(log unreadable: {error})"
+class OverloadServer(Server):
+    """conftest's server with what these tests read: RSS, status and metrics."""
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -332,23 +314,6 @@ class Server:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.base + "/metrics", timeout=10) as response:
             return response.read().decode()
-
-
-def _free_port(avoid: int = 0) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != avoid:
-            return port
-
-
-def _ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def _labels(series: str) -> dict[str, str]:
@@ -480,47 +445,14 @@ class Probe:
 
 @pytest.fixture(scope="module")
 def server():
-    if not (os.path.isfile(SIDECAR_BIN) and os.access(SIDECAR_BIN, os.X_OK)):
-        pytest.fail(f"sidecar binary not found or not executable: {SIDECAR_BIN} (set SIDECAR_BIN)")
-    http_port = _free_port()
-    grpc_port = _free_port(avoid=http_port)
-    log_dir = Path(tempfile.mkdtemp(prefix="sidecar-overload-"))
-    log_path = log_dir / "server.log"
-    command = [SIDECAR_BIN, "serve", str(MODELS / SLOW), str(MODELS / FAST), str(MODELS / ADAPTIVE),
-               "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--no-admin",
-               "--cache-dir", CACHE_DIR, "--log-level", "warning"]
-    log_file = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=str(REPO))
-    srv = Server(http_port, grpc_port, process, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while not _ready(srv.base):
-            if process.poll() is not None:
-                pytest.fail(f"sidecar serve exited with {process.returncode} before ready; {command}\n{srv.log()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"sidecar serve not ready after {READY_TIMEOUT_S} s\n{srv.log()}")
-            time.sleep(0.25)
+    with running_server([MODELS / SLOW, MODELS / FAST, MODELS / ADAPTIVE], server_class=OverloadServer,
+                        prefix="sidecar-overload-") as srv:
         yield srv
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                log_file.close()
-                pytest.fail(f"sidecar serve did not stop within {STOP_TIMEOUT_S} s of SIGTERM\n{srv.log()}")
-        else:
-            code = process.returncode
-        log_file.close()
-        assert code == 0, f"sidecar serve exit code {code} after SIGTERM (expected 0)\n{srv.log()}"
-        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def _only_200_and_429(summary: dict, what: str, server: Server) -> None:
     """Every request answered, 200 with its own echo or a well-formed 429; nothing else."""
-    facts = f"{what}: {json.dumps(summary)[:3000]}\n--- server log (tail) ---\n{server.log(3000)}"
+    facts = f"{what}: {json.dumps(summary)[:3000]}\n--- server log (tail) ---\n{server.log()[-3000:]}"
     assert summary["errors"] == {}, f"timeouts or connection errors: {facts}"
     assert set(summary["by_status"]) <= {"200", "429"}, f"answers other than 200/429: {facts}"
     assert summary["answered"] == summary["sent"], f"requests without an answer: {facts}"
@@ -621,7 +553,7 @@ def test_fixed_admission_overload_answers_everything_and_keeps_goodput(server, s
     _only_200_and_429(cap, f"capacity run ({CAPACITY_CONNECTIONS} connections)", server)
     assert cap["by_status"].keys() == {"200"}, f"refusals below max_queue: {facts}"
     # 100 items/s by construction (2 workers × 4 items / 80 ms); the measured rate is what counts.
-    assert cap["goodput_per_s"] > 40, f"the capacity run served little: {facts}\n{server.log(3000)}"
+    assert cap["goodput_per_s"] > 40, f"the capacity run served little: {facts}\n{server.log()[-3000:]}"
 
     _only_200_and_429(over, f"overload ({OVERLOAD_CONNECTIONS} connections)", server)
     assert over["by_status"].get("429", 0) > over["by_status"].get("200", 0), f"the overload was not refused: {facts}"

@@ -141,7 +141,6 @@ struct HTTPFront: Sendable {
         do {
             // The name is checked before the body is read, and so is the room: an overload is
             // refused before anything is decoded. The version is picked after, by the request's id.
-            _ = try model(context)
             try host.refuseEarly(name, version: context.parameters.get("version"))
             let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
