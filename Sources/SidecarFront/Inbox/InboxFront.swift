@@ -47,6 +47,10 @@ final class InboxFront: Sendable {
         var deadLettered = 0
         var redelivered = 0
         var released = 0
+        /// Messages read whose items are not in the model's queue yet: they hold room in it, so a
+        /// read does not count on space that an earlier read is about to take (and then find the
+        /// queue full, giving its messages back while they stay pending).
+        var unqueued = 0
         var lag: Int?
         var pending = 0
     }
@@ -110,10 +114,10 @@ final class InboxFront: Sendable {
                 }
                 let batching = target.configuration.batching
                 let maxInFlight = settings.maxInFlight(maxQueue: batching.maxQueue)
-                let inFlight = inFlightCount
+                let (inFlight, unqueued) = state.withLock { ($0.inFlight.count, $0.unqueued) }
                 // A read takes at most a quarter of the room, so several groups are in the model at
                 // once (every worker busy) while earlier ones are being published.
-                let room = min(maxInFlight - inFlight, batching.maxQueue - target.queuedItems, max(1, maxInFlight / 4))
+                let room = min(maxInFlight - inFlight, batching.maxQueue - target.queuedItems - unqueued, max(1, maxInFlight / 4))
                 if room <= 0 {
                     if inFlight >= maxInFlight {
                         _ = await wakeup.next()  // a result was published, or a stop
@@ -199,6 +203,7 @@ final class InboxFront: Sendable {
         let redelivered = messages.count { $0.deliveries > 1 }
         state.withLock { state in
             for message in messages { state.inFlight[message.entry] = now }
+            state.unqueued += messages.count
             state.read += messages.count
             state.redelivered += redelivered
         }
@@ -224,11 +229,13 @@ final class InboxFront: Sendable {
             for message in messages {
                 let id = InboxMessageCodec.requestID(message)
                 guard let target = try? host.resolve(model, routingKey: id) else {
+                    queued(1)
                     decisions.append(.release(message.entry))
                     continue
                 }
                 if message.deliveries > settings.maxDeliveries {
                     let reason = "delivered \(message.deliveries) times, more than max_deliveries (\(settings.maxDeliveries)): it may crash or hang the server"
+                    queued(1)
                     decisions.append(.publish(setAside(message, id: id, reason: reason, version: target.servedVersion, kind: "maxDeliveries")))
                     continue
                 }
@@ -241,6 +248,7 @@ final class InboxFront: Sendable {
                 case .request(let request):
                     calls.addTask { [await self.infer(request, message: message, id: id, on: target)] }
                 case .setAside(let reason):
+                    queued(1)
                     decisions.append(.publish(setAside(message, id: id, reason: reason, version: target.servedVersion, kind: "invalidInput")))
                 }
             }
@@ -266,8 +274,10 @@ final class InboxFront: Sendable {
 
     private func predict(_ batch: [(message: InboxMessage, id: String, item: JSONValue)], on target: Model) async -> [Decision] {
         let results: [ItemResult]
+        let items = batch.map(\.item)
+        queued(batch.count)  // their place in the queue is taken next, by this call
         do {
-            results = try await target.predict(batch: batch.map(\.item))
+            results = try await target.predict(batch: items)
         } catch {
             // The model could not take them (stopping, queue full, a deadline): not their fault.
             return batch.map { .release($0.message.entry) }
@@ -285,6 +295,7 @@ final class InboxFront: Sendable {
     }
 
     private func infer(_ request: HTTPInference.Decoded, message: InboxMessage, id: String, on target: Model) async -> Decision {
+        queued(1)
         do {
             let outputs = try await target.infer(request.inputs)
             let body = try HTTPInference.encode(outputs, for: request, model: target.name, version: target.servedVersion).body
@@ -313,6 +324,12 @@ final class InboxFront: Sendable {
         ]
         for field in InboxMessageCodec.payloadFields { if let value = message.fields[field] { dead.append((field, value)) } }
         return InboxOutcome(entry: message.entry, result: result, deadLetter: dead)
+    }
+
+    /// `count` messages no longer hold room in the model's queue: they are about to enter it, or
+    /// never will.
+    private func queued(_ count: Int) {
+        state.withLock { $0.unqueued -= count }
     }
 
     /// Messages given back without a result: they stay pending and are claimed again once idle.
