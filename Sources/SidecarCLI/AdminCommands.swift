@@ -109,6 +109,12 @@ struct ModelSummary: Decodable {
     var executor: String?
     var executor_note: String?
     var admission: Admission?
+    var breaker: Breaker?
+
+    struct Breaker: Decodable {
+        var state: String
+        var retry_in_s: Double?
+    }
 
     struct Admission: Decodable {
         var mode: String
@@ -120,7 +126,7 @@ struct ModelSummary: Decodable {
 struct StatusCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "Show a running server's models: state, workers ready/target, queue/limit, refused, req/s, p99, restarts.",
+        abstract: "Show a running server's models: state, workers ready/target, queue/limit, refused, breaker, req/s, p99, restarts.",
         discussion: """
             Exit codes: 0 shown; 1 the server refused; 3 the server could not be reached; 4 the admin \
             token is missing or wrong.
@@ -143,7 +149,7 @@ struct StatusCommand: AsyncParsableCommand {
         }
         struct List: Decodable { var models: [ModelSummary] }
         let models = try JSONDecoder().decode(List.self, from: data).models
-        var rows = [["MODEL", "STATE", "EXECUTOR", "WORKERS", "QUEUE", "REFUSED", "REQ/S", "P99 MS", "RESTARTS", "AUTOSCALE"]]
+        var rows = [["MODEL", "STATE", "EXECUTOR", "WORKERS", "QUEUE", "REFUSED", "BREAKER", "REQ/S", "P99 MS", "RESTARTS", "AUTOSCALE"]]
         for m in models {
             let autoscale = m.autoscaling.map { a in
                 a.enabled ? "\(a.min)-\(a.max)" + (a.last_decision.map { " (\($0))" } ?? "") : "off (\(a.last_decision ?? "set by hand"))"
@@ -153,6 +159,7 @@ struct StatusCommand: AsyncParsableCommand {
                 m.name, m.state, m.executor ?? "process", "\(m.workers_ready)/\(m.workers_target)",
                 m.admission.map { "\(m.queued)/\($0.mode == "adaptive" ? "~" : "")\($0.limit)" } ?? "\(m.queued)",
                 m.admission.map { "\($0.refused.values.reduce(0, +))" } ?? "-",
+                m.breaker.map { b in b.state + (b.retry_in_s.map { String(format: " (%.0fs)", $0) } ?? "") } ?? "-",
                 String(format: "%.1f", m.requests_per_second), m.p99_ms.map { String(format: "%.1f", $0) } ?? "-", "\(m.restarts)", autoscale,
             ])
         }

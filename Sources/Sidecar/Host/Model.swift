@@ -1,4 +1,5 @@
 import Foundation
+import Logging
 
 /// A loaded model: send it items, get predictions.
 ///
@@ -28,12 +29,15 @@ public final class Model: Sendable {
     /// False for the stand-in of a model whose reload failed (``FailedExecutor``): it never ran, so
     /// unloading it runs no `cleanup.sh`.
     let started: Bool
+    /// The fallback and circuit breaker (`fallback:`, `breaker:`).
+    let modelGuard: ModelGuard
 
     init(
         bundle: ModelBundle, environment: PythonEnvironment, batcher: Batcher, executor: any Executor, requestedWorkers: Int?,
         requestedExecutor: ModelConfiguration.ExecutorKind? = nil, executorNote: String? = nil, started: Bool = true,
-        version: String? = nil
+        version: String? = nil, logger: Logger = Logger(label: "sidecar")
     ) {
+        self.modelGuard = ModelGuard(configuration: bundle.configuration, logger: logger)
         self.name = bundle.configuration.name
         self.version = version
         self.bundle = bundle
@@ -61,15 +65,49 @@ public final class Model: Sendable {
 
     /// Predicts one item. Throws ``PredictionError`` when the handler failed for it, and
     /// ``SidecarError`` when the model cannot take it (queue full, stopped, FAILED) or `deadline`
-    /// (else `timeouts.request_timeout_s`) passed first.
+    /// (else `timeouts.request_timeout_s`) passed first. With a `fallback:`, the fallback answers
+    /// the failures it covers.
     public func predict(_ item: JSONValue, deadline: ContinuousClock.Instant? = nil) async throws -> JSONValue {
-        let results = try await batcher.submit([.json(item)], deadline: deadline)
-        return try Self.json(results[0]).get()
+        try await predict(batch: [item], deadline: deadline)[0].get()
     }
 
     /// Predicts many items in one call: one result per item, in order. One item's failure does not
     /// fail the others. Throws only when the model cannot take the items at all.
     public func predict(batch items: [JSONValue], deadline: ContinuousClock.Instant? = nil) async throws -> [ItemResult] {
+        try await servePredictions(items, deadline: deadline).value
+    }
+
+    /// ``predict(batch:deadline:)``, saying whether the fallback answered (and why). The items the
+    /// handler raised for are answered by the fallback when `fallback.on` has `error`.
+    public func servePredictions(_ items: [JSONValue], deadline: ContinuousClock.Instant? = nil) async throws -> Served<[ItemResult]> {
+        guard modelGuard.isActive else { return Served(value: try await submitPredictions(items, deadline: deadline), fallback: nil) }
+        var served = try await modelGuard.serve(
+            deadline: deadline,
+            primary: { try await self.submitPredictions(items, deadline: deadline) },
+            failed: { results in results.contains { result in if case .failure(let error) = result { return FallbackReason.of(error) != nil } else { return false } } },
+            alternative: { model, _ in try await Self.fallbackPredictions(items, from: model, guard: self.modelGuard, deadline: deadline) })
+        // Items the handler raised for, answered one by one by the fallback.
+        let failed = served.value.indices.filter { index in
+            if case .failure(let error) = served.value[index], let reason = FallbackReason.of(error) { return modelGuard.covers(reason) } else { return false }
+        }
+        guard served.fallback == nil, !failed.isEmpty else { return served }
+        let reason: FallbackReason = failed.allSatisfy { if case .failure(let e) = served.value[$0] { FallbackReason.of(e) == .error } else { false } } ? .error : .unavailable
+        let retried = failed.map { items[$0] }
+        if let answer = try await modelGuard.answer(reason, { model, _ in try await Self.fallbackPredictions(retried, from: model, guard: self.modelGuard, deadline: deadline) }) {
+            for (index, result) in zip(failed, answer.value) { served.value[index] = result }
+            served.fallback = answer.fallback
+        }
+        return served
+    }
+
+    /// The fallback's predictions: the fallback model's (without its own fallback), or the fixed response per item.
+    private static func fallbackPredictions(_ items: [JSONValue], from model: Model?, guard: ModelGuard, deadline: ContinuousClock.Instant?) async throws -> [ItemResult]? {
+        if let model { return try await model.submitPredictions(items, deadline: deadline) }
+        guard case .response(let value)? = `guard`.fallback?.target else { return nil }
+        return items.map { _ in .success(value) }
+    }
+
+    func submitPredictions(_ items: [JSONValue], deadline: ContinuousClock.Instant?) async throws -> [ItemResult] {
         try await batcher.submit(items.map(Payload.json), deadline: deadline).map(Self.json)
     }
 
@@ -79,9 +117,30 @@ public final class Model: Sendable {
     /// named after the model's one declared output).
     ///
     /// Throws ``SidecarError`` (`invalidInput`) for a request that does not match, and
-    /// ``PredictionError`` when the handler failed for it.
+    /// ``PredictionError`` when the handler failed for it. With a `fallback:`, the fallback
+    /// answers the failures it covers.
     public func infer(_ inputs: [Tensor], deadline: ContinuousClock.Instant? = nil) async throws -> [Tensor] {
+        try await serveInference(inputs, deadline: deadline).value
+    }
+
+    /// ``infer(_:deadline:)``, saying whether the fallback answered (and why).
+    public func serveInference(_ inputs: [Tensor], deadline: ContinuousClock.Instant? = nil) async throws -> Served<[Tensor]> {
         try validate(inputs)
+        guard modelGuard.isActive else { return Served(value: try await submitInference(inputs, deadline: deadline), fallback: nil) }
+        let fixed = modelGuard.fixedTensors
+        return try await modelGuard.serve(
+            deadline: deadline,
+            primary: { try await self.submitInference(inputs, deadline: deadline) },
+            alternative: { model, _ in
+                if let model {
+                    try model.validate(inputs)
+                    return try await model.submitInference(inputs, deadline: deadline)
+                }
+                return fixed
+            })
+    }
+
+    func submitInference(_ inputs: [Tensor], deadline: ContinuousClock.Instant?) async throws -> [Tensor] {
         let results = try await batcher.submit([.tensors(inputs)], deadline: deadline)
         guard case .tensors(var outputs) = try results[0].get() else {
             throw PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a tensor request with JSON")
@@ -142,8 +201,18 @@ public final class Model: Sendable {
     /// request's body, so an overload is refused before anything is decoded. Passing it does not
     /// reserve a place; `predict` and `infer` still decide with the items.
     public func refuseEarly() throws {
-        if let error = batcher.earlyRefusal() { throw error }
+        if let error = modelGuard.earlyRefusal() { throw error }
+        // Asked only when a refusal would reach the caller (asking counts a refusal).
+        if modelGuard.covers(.queueFull), modelGuard.covers(.unavailable) { return }
+        if let error = batcher.earlyRefusal() {
+            // A refusal the fallback answers is not one: the request goes on to be answered by it.
+            if let reason = FallbackReason.of(error), modelGuard.covers(reason) { return }
+            throw error
+        }
     }
+
+    /// The circuit breaker's state (nil without `breaker:`).
+    public var breaker: BreakerStatus? { modelGuard.breakerStatus }
 
     /// Batches dispatched to workers so far and the items they carried (retries count again).
     public var batchStatistics: BatchStatistics { batcher.statistics }

@@ -345,7 +345,8 @@ public final class ModelHost: Service, Sendable {
         }
         let model = Model(
             bundle: bundle, environment: environment, batcher: batcher, executor: pool, requestedWorkers: workers,
-            requestedExecutor: executor, executorNote: executorNote, version: version)
+            requestedExecutor: executor, executorNote: executorNote, version: version, logger: modelLogger)
+        model.modelGuard.setLookup { [weak self] name in try? self?.resolve(name) }
 
         let (finished, finishedSink) = AsyncStream.makeStream(of: Void.self)
         state.withLock { $0.finished[key] = finished }
@@ -371,6 +372,34 @@ public final class ModelHost: Service, Sendable {
         }
         modelLogger.info("model ready", metadata: ["workers": "\(config.workers)", "environment": "\(environment.directory.path)"])
         return model
+    }
+
+    /// Checks every loaded model's `fallback.model` (or only `model`'s): it must name a loaded
+    /// model, and following fallbacks must not come back to where it started. Called once the
+    /// server's start models have loaded (they load in parallel, so a fallback may load after its
+    /// primary), and after each later load.
+    public func checkFallbacks(of model: Model? = nil) throws {
+        let all: [Model] = state.withLock { state in
+            Array(state.models.values) + state.versions.values.flatMap { $0.loaded.values }
+        }
+        for primary in model.map({ [$0] }) ?? all {
+            guard case .model(var next)? = primary.configuration.fallback?.target else { continue }
+            let file = primary.bundle.directory.appendingPathComponent("sidecar.yaml").path
+            var path = [primary.name]
+            while true {
+                guard let target = try? resolve(next) else {
+                    throw SidecarError(
+                        .invalidModel,
+                        "\(file): 'fallback.model' of model '\(path.last!)' names '\(next)', which is not loaded; load it too (sidecar serve \(primary.name)-dir \(next)-dir), or name a model that is")
+                }
+                path.append(next)
+                guard !path.dropLast().contains(next) else {
+                    throw SidecarError(.invalidModel, "\(file): 'fallback.model' makes a cycle: \(path.joined(separator: " → ")); a fallback must not fall back to its primary")
+                }
+                guard case .model(let after)? = target.configuration.fallback?.target else { break }
+                next = after
+            }
+        }
     }
 
     /// Stops taking requests for `name` (every version of it), lets queued and in-flight items
@@ -459,7 +488,8 @@ public final class ModelHost: Service, Sendable {
             batcher.fail(failure)
             let standIn = Model(
                 bundle: model.bundle, environment: model.environment, batcher: batcher, executor: FailedExecutor(failure: failure),
-                requestedWorkers: model.requestedWorkers, requestedExecutor: model.requestedExecutor, started: false)
+                requestedWorkers: model.requestedWorkers, requestedExecutor: model.requestedExecutor, started: false, logger: logger)
+            standIn.modelGuard.setLookup { [weak self] name in try? self?.resolve(name) }
             state.withLock { state in
                 if state.models[name] == nil, !state.shuttingDown { state.models[name] = standIn }
             }

@@ -36,6 +36,44 @@ public struct ModelConfiguration: Sendable, Equatable {
     public var executor: ExecutorKind = .process
     /// Requests also come from a broker's inbox, results go to its outbox (`inbox:`).
     public var inbox: InboxConfiguration?
+    /// Who answers when this model cannot (`fallback:`): another loaded model or a fixed answer.
+    public var fallback: Fallback?
+    /// The circuit breaker (`breaker:`): off unless configured.
+    public var breaker: Breaker?
+
+    /// `fallback:` in `sidecar.yaml`.
+    public struct Fallback: Sendable, Equatable {
+        public enum Target: Sendable, Equatable {
+            /// Another loaded model answers the same request.
+            case model(String)
+            /// A fixed answer: this JSON value per item for JSON requests; for tensor requests it must
+            /// be `{"outputs": [{name, datatype, shape, data}]}`.
+            case response(JSONValue)
+        }
+
+        public var target: Target
+        /// The failures it answers for (`on:`; default all four). An open breaker always sends to it.
+        public var on: Set<FallbackReason> = FallbackReason.configurable
+        /// The latency budget (`after_ms`): past it the fallback answers and the primary's answer is let go.
+        public var after: Duration?
+
+        public static let keys = ["model", "response", "on", "after_ms"]
+    }
+
+    /// `breaker:` in `sidecar.yaml`: opens when at least `failureRate` of at least `minRequests`
+    /// requests in the last `window` failed; after `coolDown` it lets `probes` requests through and
+    /// closes if they all succeed.
+    public struct Breaker: Sendable, Equatable {
+        public var failureRate = 0.5
+        public var minRequests = 20
+        public var window: Duration = .seconds(10)
+        public var coolDown: Duration = .seconds(5)
+        public var probes = 3
+
+        public init() {}
+
+        public static let keys = ["failure_rate", "min_requests", "window_s", "cool_down_s", "probes"]
+    }
 
     /// `executor:` in `sidecar.yaml`.
     public enum ExecutorKind: String, Sendable, Equatable, CaseIterable {
@@ -275,7 +313,7 @@ private struct ConfigReader {
         guard let root else { return config }  // an empty file means all defaults
         let top = [
             "name", "handler", "workers", "max_retries", "retry", "restart_policy", "recycle", "batching", "timeouts", "python",
-            "config", "inputs", "outputs", "executor", "inbox",
+            "config", "inputs", "outputs", "executor", "inbox", "fallback", "breaker",
         ]
         for (key, value) in try mapping(root, key: "", allowed: top) {
             switch key {
@@ -380,6 +418,10 @@ private struct ConfigReader {
                 config.executor = kind
             case "inbox":
                 config.inbox = try inbox(value, key: key)
+            case "fallback":
+                config.fallback = try fallback(value, key: key)
+            case "breaker":
+                config.breaker = try breaker(value, key: key)
             case "inputs", "outputs":
                 let specs = try tensorSpecs(value, key: key)
                 if key == "inputs" { config.inputs = specs } else { config.outputs = specs }
@@ -391,6 +433,61 @@ private struct ConfigReader {
         }
         try config.checkExecutor(file: file)
         return config
+    }
+
+    /// A `fallback:` block: exactly one of `model` and `response`, optional `on` and `after_ms`.
+    func fallback(_ node: Yams.Node, key: String) throws -> ModelConfiguration.Fallback {
+        var target: ModelConfiguration.Fallback.Target?
+        var on = FallbackReason.configurable
+        var after: Duration?
+        for (k, v) in try mapping(node, key: key, allowed: ModelConfiguration.Fallback.keys) {
+            let path = "\(key).\(k)"
+            switch k {
+            case "model", "response":
+                guard target == nil else { throw fail(key, "either 'model' or 'response', not both", got: node) }
+                if k == "model" {
+                    let name = try string(v, key: path)
+                    guard ModelConfiguration.isValidName(name) else { throw fail(path, "a model name", got: v) }
+                    target = .model(name)
+                } else {
+                    let object = try jsonObject(v, key: path)
+                    target = .response(JSONValue(trusted: try JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .fragmentsAllowed])))
+                }
+            case "on":
+                let allowed = FallbackReason.configurable.map(\.rawValue).sorted()
+                guard case .sequence(let seq) = v, !seq.isEmpty else { throw fail(path, "a list of: \(allowed.joined(separator: ", "))", got: v) }
+                on = try Set(seq.map { element in
+                    guard let reason = FallbackReason(rawValue: try string(element, key: path)), FallbackReason.configurable.contains(reason) else {
+                        throw fail(path, "a list of: \(allowed.joined(separator: ", "))", got: element)
+                    }
+                    return reason
+                })
+            default:  // after_ms
+                after = try seconds(v, key: path, milliseconds: true)
+            }
+        }
+        guard let target else { throw SidecarError(code, "\(file): '\(key)' needs 'model' (a loaded model that answers instead) or 'response' (a fixed answer)") }
+        var fallback = ModelConfiguration.Fallback(target: target, on: on, after: after)
+        if after != nil { fallback.on.insert(.timeout) }
+        return fallback
+    }
+
+    /// A `breaker:` block.
+    func breaker(_ node: Yams.Node, key: String) throws -> ModelConfiguration.Breaker {
+        var breaker = ModelConfiguration.Breaker()
+        for (k, v) in try mapping(node, key: key, allowed: ModelConfiguration.Breaker.keys) {
+            let path = "\(key).\(k)"
+            switch k {
+            case "failure_rate":
+                guard case .scalar = v, let rate = v.float, rate > 0, rate <= 1 else { throw fail(path, "a share of requests above 0 and at most 1 (0.5: half)", got: v) }
+                breaker.failureRate = rate
+            case "min_requests": breaker.minRequests = try int(v, key: path, range: 1...1_000_000)
+            case "window_s": breaker.window = try seconds(v, key: path)
+            case "cool_down_s": breaker.coolDown = try seconds(v, key: path)
+            default: breaker.probes = try int(v, key: path, range: 1...10_000)
+            }
+        }
+        return breaker
     }
 
     /// A list of `{name, datatype, shape}` mappings.

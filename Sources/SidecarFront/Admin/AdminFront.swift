@@ -98,12 +98,22 @@ struct AdminFront: Sendable {
         }
     }
 
+    /// A model whose `fallback.model` names no loaded model (or makes a cycle) is unloaded again:
+    /// the load is refused with the reason.
+    private func checkFallback(of model: Model) async throws {
+        do { try host.checkFallbacks(of: model) } catch {
+            try? await host.unload(model.name)
+            throw error
+        }
+    }
+
     /// `POST /admin/v1/models {"directory": "/srv/models/iris", "name": "iris2", "workers": 2}`: a
     /// directory on the server.
     private func load(_ request: Request) async throws -> Response {
         let body = try AdminLoadRequest.decode(try await body(request, what: "load request"))
         do {
             let model = try await host.load(body.directory, workers: body.workers, name: body.name, executor: body.executorKind)
+            try await checkFallback(of: model)
             return json(AdminModel(model), status: .created)
         } catch {
             throw FrontError.from(error)
@@ -135,6 +145,7 @@ struct AdminFront: Sendable {
             try FileManager.default.createDirectory(at: staging, withIntermediateDirectories: true)
             let directory = try await BundleArchive.unpack(data, sha256: sha256, into: staging, limits: bundleLimits)
             let model = try await host.load(directory.path, workers: workers, name: name)
+            try await checkFallback(of: model)
             return json(AdminModel(model), status: .created)
         } catch {
             try? FileManager.default.removeItem(at: staging)
@@ -328,6 +339,7 @@ struct AdminModel: Encodable {
     var workers: [StatusReport.Worker]
     /// How requests are admitted (the same block as `/status`).
     var admission: StatusReport.Admission
+    @ExplicitNull var breaker: StatusReport.Breaker?
 
     struct Autoscaling: Encodable {
         var min: Int
@@ -344,7 +356,7 @@ struct AdminModel: Encodable {
     enum CodingKeys: String, CodingKey {
         case name, state, reason, directory, workersReady = "workers_ready", workersTarget = "workers_target", queued
         case requestsPerSecond = "requests_per_second", p99Milliseconds = "p99_ms", restarts, autoscaling, workers
-        case executor, executorNote = "executor_note", admission
+        case executor, executorNote = "executor_note", admission, breaker
     }
 
     init(_ model: Model) {
@@ -370,5 +382,6 @@ struct AdminModel: Encodable {
         executor = status.executor
         executorNote = status.executorNote
         admission = status.admission
+        breaker = status.breaker
     }
 }

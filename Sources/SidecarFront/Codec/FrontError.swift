@@ -15,10 +15,13 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
 
     var code: Code
     var message: String
+    /// `Retry-After` in seconds: 1 for a full queue unless said otherwise; an open breaker's cool-down.
+    var retryAfter: Int?
 
-    init(_ code: Code, _ message: String) {
+    init(_ code: Code, _ message: String, retryAfter: Int? = nil) {
         self.code = code
         self.message = message
+        self.retryAfter = retryAfter ?? (code == .queueFull ? 1 : nil)
     }
 
     var description: String { message }
@@ -98,7 +101,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
     var responseHeaders: HTTPFields {
         var headers = HTTPFields()
         headers[.contentType] = "application/json"
-        if code == .queueFull { headers[.retryAfter] = "1" }
+        if let retryAfter { headers[.retryAfter] = "\(retryAfter)" }
         if code == .unauthenticated { headers[.wwwAuthenticate] = "Bearer" }
         return headers
     }
@@ -122,7 +125,9 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
             case .notFound: return FrontError(.notFound, error.message)
             case .invalidInput, .invalidModel, .invalidConfiguration: return FrontError(.invalidArgument, error.message)
             case .queueFull: return FrontError(.queueFull, error.message)
-            case .unavailable: return FrontError(.unavailable, error.message)
+            case .unavailable:
+                let breaker = (error.cause as? BreakerOpen).map { max(1, Int($0.retryAfter.inSeconds.rounded(.up))) }
+                return FrontError(.unavailable, error.message, retryAfter: breaker)
             case .deadlineExceeded: return FrontError(.deadlineExceeded, error.message)
             case .conflict: return FrontError(.conflict, error.message)
             case .loadFailed, .environmentFailed:

@@ -170,7 +170,9 @@ enum HTTPInference {
 
     /// The response body, and the JSON header's length when binary outputs follow it. The JSON is
     /// written directly: it is small and fixed in shape, and Codable was a third of the request path.
-    static func encode(_ outputs: [Tensor], for request: Decoded, model: String, version: String = "1") throws -> (body: Data, headerLength: Int?) {
+    static func encode(
+        _ outputs: [Tensor], for request: Decoded, model: String, version: String = "1", fallback: FallbackUse? = nil
+    ) throws -> (body: Data, headerLength: Int?) {
         var selected: [(Tensor, Bool)] = []
         if let requested = request.requested {
             for (name, binary) in requested {
@@ -192,6 +194,14 @@ enum HTTPInference {
         if let id = request.id {
             json.raw(#","id":"#)
             json.string(id)
+        }
+        if let fallback {
+            // Which answers are stand-ins, where a client reads the response's own parameters.
+            json.raw(#","parameters":{"sidecar_fallback":"#)
+            json.string(fallback.reason.rawValue)
+            json.raw(#","sidecar_fallback_source":"#)
+            json.string(fallback.source)
+            json.raw("}")
         }
         json.raw(#","outputs":["#)
         var binaryTail = Data()

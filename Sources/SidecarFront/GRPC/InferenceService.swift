@@ -84,7 +84,10 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
         let start = ContinuousClock.now
         let timeout = Deadlines.timeout(grpc: request.metadata)
         do {
-            return ServerResponse(message: try await infer(request.message, start: start, grpcTimeout: timeout), metadata: [:])
+            let response = try await infer(request.message, start: start, grpcTimeout: timeout)
+            var metadata: Metadata = [:]
+            if case .stringParam(let reason)? = response.parameters["sidecar_fallback"]?.parameterChoice { metadata.addString(reason, forKey: "sidecar-fallback") }
+            return ServerResponse(message: response, metadata: metadata)
         } catch let error as RPCError {
             throw error
         } catch is CancellationError where timeout.map({ ContinuousClock.now >= start.advanced(by: $0) }) == true {
@@ -188,7 +191,8 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
             }
             let model = try model(request.modelName, version: request.modelVersion, routingKey: request.id)
             let inputs = try GRPCTensors.inputs(of: request)
-            let outputs = try await model.infer(inputs, deadline: deadline)
+            let served = try await model.serveInference(inputs, deadline: deadline)
+            let outputs = served.value
             var selected = outputs
             if !request.outputs.isEmpty {
                 selected = try request.outputs.map { wanted in
@@ -207,6 +211,10 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
                     .with { $0.name = tensor.name; $0.datatype = tensor.datatype.rawValue; $0.shape = tensor.shape.map(Int64.init) }
                 }
                 $0.rawOutputContents = selected.map(\.data)
+                if let fallback = served.fallback {
+                    $0.parameters["sidecar_fallback"] = .with { $0.stringParam = fallback.reason.rawValue }
+                    $0.parameters["sidecar_fallback_source"] = .with { $0.stringParam = fallback.source }
+                }
             }
         } catch {
             // Named only once resolved: a client's made-up names must not grow the metrics.

@@ -21,6 +21,8 @@ struct HTTPFront: Sendable {
     var inboxes: InboxService? = nil
 
     static let inferenceHeaderLength = HTTPField.Name("Inference-Header-Content-Length")!
+    /// On an answer from the model's fallback: why (`error`, `timeout`, `queue_full`, ...).
+    static let fallbackHeader = HTTPField.Name("Sidecar-Fallback")!
 
     func router() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
@@ -147,9 +149,11 @@ struct HTTPFront: Sendable {
             let model = try model(context, routingKey: decoded.id)
             let deadline = Deadlines.deadline(
                 from: start, decoded.timeout, try Deadlines.timeout(header: request.headers[Deadlines.header]))
-            let outputs = try await model.infer(decoded.inputs, deadline: deadline)
-            let (payload, jsonLength) = try HTTPInference.encode(outputs, for: decoded, model: model.name, version: model.servedVersion)
+            let served = try await model.serveInference(decoded.inputs, deadline: deadline)
+            let (payload, jsonLength) = try HTTPInference.encode(
+                served.value, for: decoded, model: model.name, version: model.servedVersion, fallback: served.fallback)
             var headers = HTTPFields()
+            if let fallback = served.fallback { headers[Self.fallbackHeader] = fallback.reason.rawValue }
             if let jsonLength {
                 headers[.contentType] = "application/octet-stream"
                 headers[Self.inferenceHeaderLength] = "\(jsonLength)"
@@ -178,9 +182,11 @@ struct HTTPFront: Sendable {
             try host.refuseEarly(name)
             let items = try KServeV1.items(from: try await body(request))
             let deadline = Deadlines.deadline(from: start, try Deadlines.timeout(header: request.headers[Deadlines.header]))
-            let out = try KServeV1.response(try await model.predict(batch: items, deadline: deadline))
+            let served = try await model.servePredictions(items, deadline: deadline)
+            let out = try KServeV1.response(served.value)
             metrics.record(model: name, protocol: "kserve_v1", since: start, error: nil)
             var headers = HTTPFields()
+            if let fallback = served.fallback { headers[Self.fallbackHeader] = fallback.reason.rawValue }
             headers[.contentType] = "application/json"
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: out)))
         } catch {

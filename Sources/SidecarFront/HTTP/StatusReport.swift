@@ -41,9 +41,52 @@ struct StatusReport: Encodable {
         var workers: [Worker]
         /// How requests are admitted: `max_queue` alone, or the adaptive queue-delay target.
         var admission: Admission
+        /// The circuit breaker (`breaker:`), null without one.
+        @ExplicitNull var breaker: Breaker?
+        /// What answers when the model cannot (`fallback:`), null without one.
+        @ExplicitNull var fallback: Fallback?
 
         enum CodingKeys: String, CodingKey {
             case name, version, weight, state, reason, detail, queued, executor, executorNote = "executor_note", workers, admission
+            case breaker, fallback
+        }
+    }
+
+    struct Breaker: Encodable {
+        /// closed, open or half_open.
+        var state: String
+        var requests: Int
+        var failures: Int
+        var opened: Int
+        @ExplicitNull var retryInS: Double?
+
+        enum CodingKeys: String, CodingKey {
+            case state, requests, failures, opened, retryInS = "retry_in_s"
+        }
+
+        init(_ status: BreakerStatus) {
+            state = status.state
+            requests = status.requests
+            failures = status.failures
+            opened = status.opened
+            retryInS = status.retryIn.map { ($0.inSeconds * 10).rounded() / 10 }
+        }
+    }
+
+    struct Fallback: Encodable {
+        /// The fallback model's name, or `response` for a fixed answer.
+        var source: String
+        var on: [String]
+        @ExplicitNull var afterMs: Double?
+
+        enum CodingKeys: String, CodingKey {
+            case source, on, afterMs = "after_ms"
+        }
+
+        init(_ fallback: ModelConfiguration.Fallback) {
+            if case .model(let name) = fallback.target { source = name } else { source = "response" }
+            on = fallback.on.map(\.rawValue).sorted()
+            afterMs = fallback.after.map(\.inMilliseconds)
         }
     }
 
@@ -117,7 +160,7 @@ struct StatusReport: Encodable {
                     lastError: w.lastError, rssBytes: w.rssBytes, inFlight: w.inFlight, batchesServed: w.batchesServed,
                     itemsServed: w.itemsServed, pythonVersion: w.pythonVersion)
             },
-            admission: Admission(model.admission))
+            admission: Admission(model.admission), breaker: model.breaker.map(Breaker.init), fallback: model.configuration.fallback.map(Fallback.init))
     }
 
     static func host(_ host: ModelHost, repository: RepositorySync? = nil, inboxes: InboxService? = nil) -> StatusReport {

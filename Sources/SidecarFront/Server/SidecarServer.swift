@@ -161,6 +161,7 @@ struct ModelLoader: Service {
             }
             try await group.waitForAll()
         }
+        try host.checkFallbacks()
         readiness.markLoaded()
         try? await gracefulShutdown()
     }
