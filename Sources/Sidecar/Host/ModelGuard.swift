@@ -166,7 +166,7 @@ final class ModelGuard: Sendable {
         do {
             let value: Value
             if let budget = fallback?.after {
-                guard let answered = try await Self.within(budget, deadline: deadline, primary) else {
+                guard let answered = try await within(budget, primary) else {
                     record(.failure, probe: probe)
                     if let answer = try await answer(.timeout, alternative) { return answer }
                     throw SidecarError(.deadlineExceeded, "model '\(modelName)' did not answer within fallback.after_ms (\(budget))")
@@ -219,22 +219,6 @@ final class ModelGuard: Sendable {
         breakerGauge?.record(transition.to == .closed ? 0 : transition.to == .halfOpen ? 1 : 2)
         let message: Logger.Message = "circuit breaker \(transition.from.rawValue) → \(transition.to.rawValue): \(transition.why)"
         if transition.to == .open { logger.warning(message) } else { logger.info(message) }
-    }
-
-    /// `body`'s value, or nil if `budget` passed first; then `body` is cancelled, which withdraws
-    /// what it still has queued (its answer, if it comes, is let go).
-    static func within<Value: Sendable>(
-        _ budget: Duration, deadline: ContinuousClock.Instant?, _ body: @escaping @Sendable () async throws -> Value
-    ) async throws -> Value? {
-        try await withThrowingTaskGroup(of: Value?.self) { group in
-            group.addTask { try await body() }
-            group.addTask {
-                try await Task.sleep(for: budget)
-                return nil
-            }
-            defer { group.cancelAll() }
-            return try await group.next() ?? nil
-        }
     }
 }
 

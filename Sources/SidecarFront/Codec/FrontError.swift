@@ -10,7 +10,7 @@ import Sidecar
 /// error a front reports goes through here, so the two protocols never disagree.
 struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
     enum Code: Sendable {
-        case invalidArgument, notFound, unavailable, queueFull, tooLarge, deadlineExceeded, unauthenticated, permissionDenied, conflict, internalError
+        case invalidArgument, notFound, unavailable, queueFull, rateLimited, tooLarge, deadlineExceeded, unauthenticated, permissionDenied, conflict, internalError
     }
 
     var code: Code
@@ -31,7 +31,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .invalidArgument: return .badRequest
         case .notFound: return .notFound
         case .unavailable: return .serviceUnavailable
-        case .queueFull: return .tooManyRequests
+        case .queueFull, .rateLimited: return .tooManyRequests
         case .tooLarge: return .contentTooLarge
         case .deadlineExceeded: return .gatewayTimeout
         case .unauthenticated: return .unauthorized
@@ -46,7 +46,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .invalidArgument: return .invalidArgument
         case .notFound: return .notFound
         case .unavailable: return .unavailable
-        case .queueFull, .tooLarge: return .resourceExhausted
+        case .queueFull, .rateLimited, .tooLarge: return .resourceExhausted
         case .deadlineExceeded: return .deadlineExceeded
         case .unauthenticated: return .unauthenticated
         case .permissionDenied: return .permissionDenied
@@ -74,6 +74,7 @@ struct FrontError: Error, CustomStringConvertible, HTTPResponseError {
         case .notFound: return "not_found"
         case .unavailable: return "unavailable"
         case .queueFull: return "queue_full"
+        case .rateLimited: return "rate_limited"
         case .tooLarge: return "too_large"
         case .deadlineExceeded: return "deadline_exceeded"
         case .unauthenticated: return "unauthenticated"

@@ -21,8 +21,13 @@ struct InferenceServiceRegistration: RegistrableRPCService {
             deserializer: InferRequestBytes.Deserializer(),
             serializer: ProtobufSerializer<Inference_ModelInferResponse>(),
             handler: { request, context in
-                let single = try await ServerRequest(stream: request)
+                let key = try service.authenticate(request.metadata)
+                // A message that never finishes arriving must not hold its stream for ever.
+                guard let single = try await within(service.requestTimeout, { try await ServerRequest(stream: request) }) else {
+                    throw RPCError(code: .deadlineExceeded, message: "the request message did not arrive in full within limits.request_timeout_s (\(service.requestTimeout))")
+                }
                 let start = ContinuousClock.now
+                try service.admit(key, single.message, since: start)
                 try service.refuseEarly(single.message, since: start)
                 let decoded = try single.message.decoded()
                 let response = try await service.modelInfer(
@@ -34,9 +39,11 @@ struct InferenceServiceRegistration: RegistrableRPCService {
             deserializer: InferRequestBytes.Deserializer(),
             serializer: ProtobufSerializer<Inference_ModelStreamInferResponse>(),
             handler: { request, context in
-                StreamingServerResponse(metadata: [:]) { writer in
+                let key = try service.authenticate(request.metadata)
+                return StreamingServerResponse(metadata: [:]) { writer in
                     let messages = request.messages.map { raw -> InferenceService.StreamItem in
                         do {
+                            try service.admit(key, raw, since: .now)
                             try service.refuseEarly(raw, since: .now)
                             return .request(try raw.decoded())
                         } catch {

@@ -11,6 +11,29 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     let metrics: FrontMetrics
     /// Requests whose tensors exceed this are refused with RESOURCE_EXHAUSTED.
     let maxMessageBytes: Int
+    /// API keys and rate limits (nil: none).
+    var gatekeeper: Gatekeeper? = nil
+    /// A ModelInfer request's message must arrive within this of the call's start (`limits.request_timeout_s`).
+    var requestTimeout: Duration = .seconds(30)
+
+    /// The key in a call's metadata, checked (nil without keys); throws UNAUTHENTICATED.
+    func authenticate(_ metadata: Metadata) throws -> APIKey? {
+        guard let gatekeeper, gatekeeper.isActive else { return nil }
+        do { return try gatekeeper.authenticate(metadata.value) } catch { throw FrontError.from(error).rpcError }
+    }
+
+    /// `key` may call the model `raw` names, and neither is over its rate; throws
+    /// PERMISSION_DENIED or RESOURCE_EXHAUSTED.
+    func admit(_ key: APIKey?, _ raw: InferRequestBytes, since start: ContinuousClock.Instant) throws {
+        guard let gatekeeper, gatekeeper.isActive else { return }
+        let name = InferRequestPeek(raw.bytes)?.model ?? ""
+        let known = (try? host.resolve(name)) != nil
+        do { try gatekeeper.admit(key, model: name, known: known) } catch {
+            let failure = FrontError.from(error)
+            metrics.record(model: known ? name : FrontMetrics.unknownModel, protocol: "grpc", since: start, error: failure)
+            throw failure.rpcError
+        }
+    }
 
     func serverLive(request: Inference_ServerLiveRequest, context: ServerContext) async throws -> Inference_ServerLiveResponse {
         .with { $0.live = true }

@@ -26,6 +26,9 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
 
     private let host: ModelHost
     private let metrics: FrontMetrics
+    /// With API keys, only a request whose key may call the model is refused here; the rest go
+    /// on to be told 401 or 403.
+    private let gatekeeper: Gatekeeper?
     /// Requests passed on whose response has not ended yet.
     private var unanswered = 0
     /// The body of a request refused here is still arriving: drop it.
@@ -33,9 +36,10 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// A refused request asked to close the connection: nothing more is read from it.
     private var closing = false
 
-    init(host: ModelHost, metrics: FrontMetrics) {
+    init(host: ModelHost, metrics: FrontMetrics, gatekeeper: Gatekeeper? = nil) {
         self.host = host
         self.metrics = metrics
+        self.gatekeeper = gatekeeper
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -84,6 +88,9 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard head.headerFields[.expect] == nil else { return nil }
         let start = ContinuousClock.now
         guard (try? host.resolve(target.model, version: target.version)) != nil else { return nil }
+        if let gatekeeper, gatekeeper.requiresKeys {
+            guard case let key?? = try? gatekeeper.authenticate(head.headerFields.value), key.allows(target.model) else { return nil }
+        }
         do {
             try host.refuseEarly(target.model, version: target.version)
             return nil

@@ -19,6 +19,8 @@ struct HTTPFront: Sendable {
     var repository: RepositorySync? = nil
     /// The inboxes, for `/status`.
     var inboxes: InboxService? = nil
+    /// API keys and rate limits (nil: none).
+    var gatekeeper: Gatekeeper? = nil
 
     static let inferenceHeaderLength = HTTPField.Name("Inference-Header-Content-Length")!
     /// On an answer from the model's fallback: why (`error`, `timeout`, `queue_full`, ...).
@@ -26,6 +28,7 @@ struct HTTPFront: Sendable {
 
     func router() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
+        if let gatekeeper, gatekeeper.requiresKeys { router.add(middleware: GateMiddleware(gatekeeper: gatekeeper)) }
         router.get("v2/health/live") { _, _ in json(["live": true]) }
         router.get("v2/health/ready") { _, _ in
             let ready = readiness.isReady
@@ -126,6 +129,13 @@ struct HTTPFront: Sendable {
         return json(["ready": model.isReady], status: model.isReady ? .ok : .serviceUnavailable)
     }
 
+    /// The request's key may call `model`, and neither it nor the model is over its rate.
+    private func admit(_ request: Request, model: String) throws {
+        guard let gatekeeper, gatekeeper.isActive else { return }
+        let key = try gatekeeper.authenticate(request.headers.value)
+        try gatekeeper.admit(key, model: model, known: host.model(named: model) != nil || host.versions(of: model) != nil)
+    }
+
     private func body(_ request: Request) async throws -> Data {
         let tooLarge = FrontError(.tooLarge, "the request body exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)")
         // Refuse by the declared length before reading anything; a chunked body is cut off at the limit.
@@ -141,8 +151,10 @@ struct HTTPFront: Sendable {
         let start = ContinuousClock.now
         let name = context.parameters.get("model") ?? "?"
         do {
-            // The name is checked before the body is read, and so is the room: an overload is
-            // refused before anything is decoded. The version is picked after, by the request's id.
+            // The key, the rate limits, the name and the room are checked before the body is read:
+            // an overload is refused before anything is decoded. The version is picked after, by
+            // the request's id.
+            try admit(request, model: name)
             try host.refuseEarly(name, version: context.parameters.get("version"))
             let headerLength = try HTTPInference.headerLength(request.headers[Self.inferenceHeaderLength])
             let decoded = try HTTPInference.decode(try await body(request), headerLength: headerLength)
@@ -178,6 +190,7 @@ struct HTTPFront: Sendable {
         }
         let name = String(spec.dropLast(":predict".count))
         do {
+            try admit(request, model: name)
             let model = try host.resolve(name)
             try host.refuseEarly(name)
             let items = try KServeV1.items(from: try await body(request))

@@ -27,7 +27,7 @@ public enum ServerConfigurationFile {
             "models", "workers", "host", "http_port", "grpc_port", "max_body_bytes", "max_grpc_message_bytes", "cache_dir", "pip_args",
             "admin_host", "admin_port", "admin_token_file", "bundle_dir", "bundle_max_bytes", "repository",
             "inboxes",
-        ]
+        ] + EdgeConfiguration.topKeys
         func fail(_ key: String, _ expected: String) -> SidecarError {
             SidecarError(.invalidConfiguration, "\(path): '\(key)' must be \(expected)")
         }
@@ -104,7 +104,8 @@ public enum ServerConfigurationFile {
                     guard let model = name.string, ModelConfiguration.isValidName(model) else { throw fail(key, "a mapping whose keys are model names") }
                     configuration.inboxes[model] = try ModelConfiguration.parseInbox(settings, key: "inboxes.\(model)", file: path)
                 }
-            default: pipArgs = try strings(v, key)
+            case "pip_args": pipArgs = try strings(v, key)
+            default: try configuration.edge.read(key, v, path: path, base: base)
             }
         }
         configuration.hostOptions = HostOptions(

@@ -42,6 +42,8 @@ public struct ServerConfiguration: Sendable {
     public var keepVersions = 3
     /// Inboxes by model name (`inboxes:`), over what the models' own `sidecar.yaml` say.
     public var inboxes: [String: InboxConfiguration] = [:]
+    /// TLS, API keys, rate limits and connection limits (`tls:`, `auth:`, `rate_limits:`, `limits:`).
+    public var edge = EdgeConfiguration()
 
     /// A relative repository directory is relative to the configuration file; a URL stays as it is.
     public static func resolveRepository(_ source: String, base: URL) -> String {
@@ -82,6 +84,8 @@ public func runServer(
             "the admin API would listen on \(configuration.adminHost):\(port) without a token; set admin_token_file "
                 + "(or --admin-token-file, or $SIDECAR_ADMIN_TOKEN), or bind it to 127.0.0.1")
     }
+    // Certificates and keys are read before anything starts: a bad file stops the server here.
+    let edge = try Edge(configuration.edge)
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
     let metrics = FrontMetrics.shared()
     // Bundles by sha256: fetched from the repository, or pushed by `sidecar deploy`.
@@ -99,10 +103,14 @@ public func runServer(
         host: host, configured: configuration.inboxes, readiness: readiness, requireConfiguredModels: configuration.repository == nil, logger: logger)
     let ports = PortReport(expectAdmin: configuration.adminPort != nil, onListening)
 
+    let gatekeeper = edge.gatekeeper
     let http = Application(
-        router: HTTPFront(host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync, inboxes: inboxes).router(),
+        router: HTTPFront(
+            host: host, readiness: readiness, metrics: metrics, maxBodyBytes: configuration.maxBodyBytes, repository: sync, inboxes: inboxes,
+            gatekeeper: gatekeeper
+        ).router(),
         // An overloaded model's requests are refused from their heads on the event loop.
-        server: .http1(configuration: .init(additionalChannelHandlers: [EarlyRefusalHandler(host: host, metrics: metrics)])),
+        server: edge.httpServer(gate: edge.gate("http"), additionalHandlers: { [EarlyRefusalHandler(host: host, metrics: metrics, gatekeeper: gatekeeper)] }),
         configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar"),
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
@@ -110,18 +118,23 @@ public func runServer(
     // The transport resets a stream whose message exceeds its cap (clients see CANCELLED), so the
     // configured limit is enforced by the service, which answers RESOURCE_EXHAUSTED with a message;
     // the transport's cap stays 4× higher as a memory backstop.
-    var transportConfig = HTTP2ServerTransport.Posix.Config.defaults
-    transportConfig.rpc.maxRequestPayloadSize = Checked.multiply(configuration.maxGRPCMessageBytes, 4).map { min(Int(Int32.max), $0) } ?? Int(Int32.max)
+    let transport = edge.grpcTransport(
+        host: configuration.host, port: configuration.grpcPort, gate: edge.gate("grpc"),
+        maxRequestPayload: Checked.multiply(configuration.maxGRPCMessageBytes, 4).map { min(Int(Int32.max), $0) } ?? Int(Int32.max))
+    let inference = InferenceService(
+        host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes, gatekeeper: gatekeeper,
+        requestTimeout: configuration.edge.requestTimeout)
     let grpc = GRPCServer(
-        transport: .http2NIOPosix(
-            address: .ipv4(host: configuration.host, port: configuration.grpcPort), transportSecurity: .plaintext, config: transportConfig),
-        services: [InferenceServiceRegistration(service: InferenceService(host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes)), HealthService(host: host, readiness: readiness)])
+        transport: transport,
+        services: [InferenceServiceRegistration(service: inference), HealthService(host: host, readiness: readiness)],
+        interceptors: gatekeeper.requiresKeys ? [GateInterceptor(gatekeeper: gatekeeper)] : [])
 
     var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
         .init(service: host),
         .init(service: ModelLoader(host: host, readiness: readiness, directories: configuration.models, workers: configuration.workers)),
-        .init(service: GRPCServerService(server: grpc, ports: ports)),
+        .init(service: GRPCServerService(server: grpc, transport: transport, ports: ports)),
         .init(service: http),
+        .init(service: EdgeReloader(edge: edge, logger: logger)),
     ]
     if let sync { services.append(.init(service: sync)) }
     if let adminPort = configuration.adminPort {
@@ -131,6 +144,7 @@ public func runServer(
             bundleLimits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
         services.append(.init(service: Application(
             router: admin.router(),
+            server: edge.httpServer(gate: edge.gate("admin")),
             configuration: .init(address: .hostname(configuration.adminHost, port: adminPort), serverName: "sidecar-admin"),
             onServerRunning: { channel in ports.admin(channel.localAddress?.port ?? adminPort) },
             logger: logger)))
@@ -201,14 +215,15 @@ final class ServerReadiness: Sendable {
 
 /// The gRPC server as a `Service`.
 struct GRPCServerService: Service {
-    let server: GRPCServer<HTTP2ServerTransport.Posix>
+    let server: GRPCServer<HTTP2ServerTransport.Custom<GuardedListenerFactory>>
+    let transport: HTTP2ServerTransport.Custom<GuardedListenerFactory>
     let ports: PortReport
 
     func run() async throws {
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await server.serve() }
-                if let address = try await server.listeningAddress?.ipv4 {
+                if let address = await transport.listeningAddress?.ipv4 {
                     ports.grpc(address.port)
                 }
                 try await group.waitForAll()
