@@ -10,7 +10,7 @@ struct SidecarCommand: AsyncParsableCommand {
         abstract: "Serve Python models from a directory: handler.py, requirements.txt, sidecar.yaml.",
         subcommands: [
             PredictCommand.self, ServeCommand.self, StatusCommand.self, ScaleCommand.self, LoadCommand.self, UnloadCommand.self, ReloadCommand.self,
-            BatchCommand.self, InitCommand.self, PublishCommand.self, RollbackCommand.self, SyncCommand.self, DeployCommand.self,
+            BatchCommand.self, InitCommand.self, PublishCommand.self, RollbackCommand.self, SyncCommand.self, DeployCommand.self, KeysCommand.self,
         ])
 }
 

@@ -63,18 +63,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ready(base: str) -> bool:
+def _ready(base: str, context=None) -> bool:
+    """GET BASE/v2/health/ready answers 200 (`context`: an ssl.SSLContext for an https BASE)."""
     try:
-        with urllib.request.urlopen(base + "/v2/health/ready", timeout=2) as response:
+        with urllib.request.urlopen(base + "/v2/health/ready", timeout=2, context=context) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
 
 
 @contextlib.contextmanager
-def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar-e2e-"):
+def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar-e2e-", ready=None, admin=False):
     """`sidecar serve MODEL_DIR...` on two free loopback ports, ready; stopped by SIGTERM after,
-    which must end it with exit code 0. `server_class` is `Server` or a subclass (same fields)."""
+    which must end it with exit code 0. `server_class` is `Server` or a subclass (same fields).
+    `ready(srv) -> bool` says when the server is up (default: GET /v2/health/ready over plain HTTP
+    answers 200; a server behind TLS or an API key needs its own). `admin=True` leaves the admin API
+    on (pass `--admin-port PORT` in `extra_args`); by default it is off (`--no-admin`)."""
     if not (os.path.isfile(SIDECAR_BIN) and os.access(SIDECAR_BIN, os.X_OK)):
         pytest.fail(f"sidecar binary not found or not executable: {SIDECAR_BIN} (set SIDECAR_BIN)")
     http_port = _free_port()
@@ -87,7 +91,8 @@ def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar
         SIDECAR_BIN, "serve", *[str(d) for d in model_dirs],
         "--http-port", str(http_port),
         "--grpc-port", str(grpc_port),
-        "--no-admin",  # the admin API has its own tests (test_admin.py), with their own servers
+        # the admin API has its own tests (test_admin.py), with their own servers
+        *([] if admin else ["--no-admin"]),
         "--cache-dir", CACHE_DIR,
         "--log-level", "warning",
         *extra_args,
@@ -101,7 +106,7 @@ def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar
             code = process.poll()
             if code is not None:
                 pytest.fail(f"sidecar serve exited with {code} before ready; command {command}\n--- log ---\n{srv.log()}")
-            if _ready(srv.base):
+            if ready(srv) if ready is not None else _ready(srv.base):
                 break
             if time.monotonic() > deadline:
                 pytest.fail(f"sidecar serve not ready after {READY_TIMEOUT_S} s\n--- log ---\n{srv.log()}")

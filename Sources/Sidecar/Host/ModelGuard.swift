@@ -94,7 +94,8 @@ final class ModelGuard: Sendable {
         breaker = Mutex(configuration.breaker.map { CircuitBreaker(settings: $0) })
         hasBreaker = configuration.breaker != nil
         self.logger = logger
-        fallbacks = Dictionary(uniqueKeysWithValues: FallbackReason.allCases.map { reason in
+        // Counted only for a model that has a fallback: the others would export rows of zeros.
+        fallbacks = configuration.fallback == nil ? [:] : Dictionary(uniqueKeysWithValues: FallbackReason.allCases.map { reason in
             (reason, Counter(label: "sidecar_fallback_total", dimensions: [("model", configuration.name), ("reason", reason.rawValue)]))
         })
         breakerGauge = configuration.breaker.map { _ in Gauge(label: "sidecar_breaker_state", dimensions: [("model", configuration.name)]) }
