@@ -32,6 +32,8 @@ if [ ! -x "$e2e/bin/python" ]; then
 fi
 "$e2e/bin/pip" install -q --disable-pip-version-check "tritonclient[http,grpc]" grpcio-health-checking numpy pytest pyyaml redis hiredis
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
+# openssl: Tests/e2e/certs.py makes the TLS tests' CA and certificates with it.
+command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 # Many nodes: each in its own network namespace, the repository behind nginx, haproxy in front
 # (Tests/e2e/cluster.py). CI runs as root, so the namespace version must run, not the loopback fallback.
 scripts/install-cluster-tools.sh
