@@ -2,6 +2,8 @@ import ArgumentParser
 import AsyncHTTPClient
 import Foundation
 import NIOCore
+import NIOSSL
+import Synchronization
 import NIOHTTP1
 import NIOFoundationCompat
 import Sidecar
@@ -25,13 +27,20 @@ struct AdminArguments: ParsableArguments {
     @Option(name: .long, help: "File holding the admin bearer token (default: $SIDECAR_ADMIN_TOKEN).")
     var tokenFile: String?
 
+    @Option(name: .long, help: "With an https --server: the CA certificate (PEM) that signed the server's (default: $SIDECAR_CA_FILE, else the system's roots).")
+    var caFile: String?
+
     func client() throws -> AdminClient {
         let environment = ProcessInfo.processInfo.environment
         let base = server ?? environment["SIDECAR_SERVER"] ?? "http://127.0.0.1:8002"
         guard let url = URL(string: base), url.scheme == "http" || url.scheme == "https", url.host != nil else {
             throw ValidationError("--server must be an http(s) URL such as http://127.0.0.1:8002, got '\(base)'")
         }
-        return AdminClient(base: base.hasSuffix("/") ? String(base.dropLast()) : base, token: try adminToken(file: tokenFile))
+        var http = HTTPClient.shared
+        if let ca = caFile ?? environment["SIDECAR_CA_FILE"].flatMap({ $0.isEmpty ? nil : $0 }) {
+            http = try AdminClient.trusting(ca: ca)
+        }
+        return AdminClient(base: base.hasSuffix("/") ? String(base.dropLast()) : base, token: try adminToken(file: tokenFile), http: http)
     }
 }
 
@@ -48,6 +57,21 @@ func adminToken(file: String?) throws -> String? {
 struct AdminClient {
     let base: String
     let token: String?
+    var http: HTTPClient = .shared
+
+    /// A client that trusts the CA in `ca` (a server with its own certificate authority). Made once
+    /// and kept for the process's life, as `HTTPClient.shared` is.
+    static func trusting(ca: String) throws -> HTTPClient {
+        let roots: [NIOSSLCertificate]
+        do { roots = try NIOSSLCertificate.fromPEMFile(ca) } catch {
+            throw ValidationError("--ca-file \(ca): cannot read PEM certificates from it (\(error))")
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.trustRoots = .certificates(roots)
+        let client = HTTPClient(eventLoopGroupProvider: .singleton, configuration: .init(tlsConfiguration: tls))
+        keptClients.withLock { $0.append(client) }
+        return client
+    }
 
     func call(
         _ method: HTTPMethod, _ path: String, json: (any Encodable)? = nil, body: Data? = nil,
@@ -67,7 +91,7 @@ struct AdminClient {
         let response: HTTPClientResponse
         let data: Data
         do {
-            response = try await HTTPClient.shared.execute(request, timeout: timeout)
+            response = try await http.execute(request, timeout: timeout)
             data = Data(buffer: try await response.body.collect(upTo: 64 << 20))
         } catch {
             StandardStreams.err("error: cannot reach the Sidecar admin API at \(base) (\(error)); is `sidecar serve` running, and is --server right?\n")
@@ -323,3 +347,7 @@ struct ReloadCommand: AsyncParsableCommand {
         StandardStreams.line("reloaded \(summary.name): \(summary.workers_ready)/\(summary.workers_target) workers ready")
     }
 }
+
+/// Clients made for a CA file live as long as the process (a client must be shut down before it is
+/// released, and the CLI's calls end with the process).
+private let keptClients = Mutex<[HTTPClient]>([])

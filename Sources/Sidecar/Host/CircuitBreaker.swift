@@ -60,15 +60,19 @@ struct CircuitBreaker: Sendable {
         }
     }
 
+    /// Moves an open breaker whose cool-down has passed to half-open: on the clock, not only when
+    /// a request comes (status and metrics read it through here too).
+    mutating func advance(now: ContinuousClock.Instant) -> Transition? {
+        guard state == .open, let openedAt, now >= openedAt + settings.coolDown else { return nil }
+        state = .halfOpen
+        probesOut = 0
+        probesSucceeded = 0
+        return Transition(from: .open, to: .halfOpen, why: "cool-down of \(settings.coolDown) passed; letting \(settings.probes) probe request(s) through")
+    }
+
     /// Whether a request may go to the primary now.
     mutating func decide(now: ContinuousClock.Instant) -> (Decision, Transition?) {
-        var transition: Transition?
-        if state == .open, let openedAt, now >= openedAt + settings.coolDown {
-            state = .halfOpen
-            probesOut = 0
-            probesSucceeded = 0
-            transition = Transition(from: .open, to: .halfOpen, why: "cool-down of \(settings.coolDown) passed; letting \(settings.probes) probe request(s) through")
-        }
+        let transition = advance(now: now)
         switch state {
         case .closed:
             return (.primary(probe: false), transition)

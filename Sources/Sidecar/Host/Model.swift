@@ -102,12 +102,14 @@ public final class Model: Sendable {
 
     /// The fallback's predictions: the fallback model's (without its own fallback), or the fixed response per item.
     private static func fallbackPredictions(_ items: [JSONValue], from model: Model?, guard: ModelGuard, deadline: ContinuousClock.Instant?) async throws -> [ItemResult]? {
-        if let model { return try await model.submitPredictions(items, deadline: deadline) }
+        if let model { return try await model.submitPredictions(items, deadline: ModelGuard.fallbackDeadline(deadline)) }
         guard case .response(let value)? = `guard`.fallback?.target else { return nil }
         return items.map { _ in .success(value) }
     }
 
-    func submitPredictions(_ items: [JSONValue], deadline: ContinuousClock.Instant?) async throws -> [ItemResult] {
+    /// ``predict(batch:deadline:)`` without the fallback and the breaker: for callers that retry
+    /// rather than take a stand-in answer (the inbox, batch scoring jobs).
+    public func submitPredictions(_ items: [JSONValue], deadline: ContinuousClock.Instant? = nil) async throws -> [ItemResult] {
         try await batcher.submit(items.map(Payload.json), deadline: deadline).map(Self.json)
     }
 
@@ -134,13 +136,15 @@ public final class Model: Sendable {
             alternative: { model, _ in
                 if let model {
                     try model.validate(inputs)
-                    return try await model.submitInference(inputs, deadline: deadline)
+                    return try await model.submitInference(inputs, deadline: ModelGuard.fallbackDeadline(deadline))
                 }
                 return fixed
             })
     }
 
-    func submitInference(_ inputs: [Tensor], deadline: ContinuousClock.Instant?) async throws -> [Tensor] {
+    /// ``infer(_:deadline:)`` without the fallback and the breaker (and without ``validate(_:)``,
+    /// which the caller does): for the inbox, which retries instead.
+    public func submitInference(_ inputs: [Tensor], deadline: ContinuousClock.Instant? = nil) async throws -> [Tensor] {
         let results = try await batcher.submit([.tensors(inputs)], deadline: deadline)
         guard case .tensors(var outputs) = try results[0].get() else {
             throw PredictionError(kind: .handlerError, type: "ProtocolError", message: "the worker answered a tensor request with JSON")

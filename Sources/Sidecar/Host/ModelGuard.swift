@@ -64,6 +64,8 @@ public struct BreakerStatus: Sendable, Equatable {
     public var opened: Int
     /// Until it lets probes through (open only).
     public var retryIn: Duration?
+    /// When it last opened (nil: never).
+    public var openedAt: Date?
 }
 
 /// A model's fallback and circuit breaker: what `Model.serve` consults around every request of the
@@ -114,12 +116,16 @@ final class ModelGuard: Sendable {
 
     var breakerStatus: BreakerStatus? {
         let now = ContinuousClock.now
-        return breaker.withLock { b in
-            guard let b else { return nil }
-            let (requests, failures) = b.window(now: now)
-            let retryIn = b.state == .open ? b.openedAt.map { max(.zero, $0 + b.settings.coolDown - now) } : nil
-            return BreakerStatus(state: b.state.rawValue, requests: requests, failures: failures, opened: b.opened, retryIn: retryIn)
+        let (status, transition): (BreakerStatus?, CircuitBreaker.Transition?) = breaker.withLock { b in
+            guard b != nil else { return (nil, nil) }
+            let transition = b!.advance(now: now)
+            let (requests, failures) = b!.window(now: now)
+            let retryIn = b!.state == .open ? b!.openedAt.map { max(.zero, $0 + b!.settings.coolDown - now) } : nil
+            let openedAt = b!.openedAt.map { Date().addingTimeInterval(-(now - $0).inSeconds) }
+            return (BreakerStatus(state: b!.state.rawValue, requests: requests, failures: failures, opened: b!.opened, retryIn: retryIn, openedAt: openedAt), transition)
         }
+        report(transition)
+        return status
     }
 
     /// The error a request gets at once when the breaker is open and nothing falls back: what the
@@ -184,6 +190,13 @@ final class ModelGuard: Sendable {
             if let reason, covers(reason), let answer = try await answer(reason, alternative) { return answer }
             throw error
         }
+    }
+
+    /// The deadline the fallback works to: the request's own, or, once that has passed (the
+    /// reason it falls back), a second from now, so that the stand-in can still be given.
+    static func fallbackDeadline(_ deadline: ContinuousClock.Instant?) -> ContinuousClock.Instant? {
+        guard let deadline else { return nil }
+        return max(deadline, .now + .seconds(1))
     }
 
     /// The fallback's answer for `reason`, or nil when there is none (no fallback, the model it

@@ -282,7 +282,7 @@ struct SpanScorer: Sendable {
         var attempt = 0
         while true {
             do {
-                return try await model.predict(batch: values)
+                return try await model.submitPredictions(values)
             } catch let error as SidecarError where error.code == .queueFull {
                 // Other callers filled the queue: wait for room (a cancelled job stops here).
                 attempt = min(attempt + 1, 5)

@@ -59,9 +59,11 @@ struct StatusReport: Encodable {
         var failures: Int
         var opened: Int
         @ExplicitNull var retryInS: Double?
+        /// When it last opened, ISO 8601.
+        @ExplicitNull var openedAt: String?
 
         enum CodingKeys: String, CodingKey {
-            case state, requests, failures, opened, retryInS = "retry_in_s"
+            case state, requests, failures, opened, retryInS = "retry_in_s", openedAt = "opened_at"
         }
 
         init(_ status: BreakerStatus) {
@@ -70,6 +72,7 @@ struct StatusReport: Encodable {
             failures = status.failures
             opened = status.opened
             retryInS = status.retryIn.map { ($0.inSeconds * 10).rounded() / 10 }
+            openedAt = status.openedAt.map { ISO8601DateFormatter().string(from: $0) }
         }
     }
 

@@ -277,7 +277,7 @@ final class InboxFront: Sendable {
         let items = batch.map(\.item)
         queued(batch.count)  // their place in the queue is taken next, by this call
         do {
-            results = try await target.predict(batch: items)
+            results = try await target.submitPredictions(items)
         } catch {
             // The model could not take them (stopping, queue full, a deadline): not their fault.
             return batch.map { .release($0.message.entry) }
@@ -297,7 +297,8 @@ final class InboxFront: Sendable {
     private func infer(_ request: HTTPInference.Decoded, message: InboxMessage, id: String, on target: Model) async -> Decision {
         queued(1)
         do {
-            let outputs = try await target.infer(request.inputs)
+            try target.validate(request.inputs)
+            let outputs = try await target.submitInference(request.inputs)
             let body = try HTTPInference.encode(outputs, for: request, model: target.name, version: target.servedVersion).body
             return .publish(ok(message, id: id, target: target, field: "response", value: Array(body)))
         } catch let error as PredictionError where error.kind != .unavailable {

@@ -109,6 +109,8 @@ final class FrontMetrics: Sendable {
             let failed: Bool
             if case .failed = model.state { failed = true } else { failed = false }
             gauge("sidecar_model_failed", [("model", name)]).set(failed ? 1.0 : 0.0)
+            // Reading the breaker moves it to half-open once its cool-down passed (its gauge with it).
+            _ = model.breaker
             // Per worker: what `GET /status` shows, for dashboards and alerts.
             for worker in workers {
                 let labels = [("model", name), ("worker", "\(worker.index)")]
