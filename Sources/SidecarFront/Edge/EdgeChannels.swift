@@ -114,6 +114,7 @@ struct GuardedListenerFactory: HTTP2ServerTransport.ListenerFactory {
         let silence = silence
         return try await ServerBootstrap(group: eventLoopGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 4096)
             .serverChannelInitializer { channel in listenerConfigurator.configure(channel: channel) }
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -43,8 +43,9 @@ final class Gatekeeper: Sendable {
     }
 
     /// The key a request carries (`Authorization: Bearer KEY` or `x-api-key: KEY`), checked.
-    /// Returns nil without keys configured; throws 401 for a missing or unknown key.
-    func authenticate(_ header: (String) -> String?) throws -> APIKey? {
+    /// Returns nil without keys configured; throws 401 for a missing or unknown key (counted,
+    /// unless `counting` is false: a look that the request's handler will repeat).
+    func authenticate(_ header: (String) -> String?, counting: Bool = true) throws -> APIKey? {
         guard requiresKeys else { return nil }
         let presented: String?
         if let bearer = header("authorization"), bearer.count > 7, bearer.prefix(7).lowercased() == "bearer " {
@@ -53,11 +54,11 @@ final class Gatekeeper: Sendable {
             presented = header("x-api-key")
         }
         guard let presented, !presented.isEmpty else {
-            refusedAuth["missing"]?.increment()
+            if counting { refusedAuth["missing"]?.increment() }
             throw FrontError(.unauthenticated, "this endpoint needs an API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'")
         }
         guard let key = APIKeys.match(presented, in: keys.withLock({ $0 })) else {
-            refusedAuth["wrong"]?.increment()
+            if counting { refusedAuth["wrong"]?.increment() }
             throw FrontError(.unauthenticated, "the API key is not valid (it matches none in auth.keys_file)")
         }
         return key

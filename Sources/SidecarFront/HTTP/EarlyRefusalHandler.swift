@@ -89,7 +89,7 @@ final class EarlyRefusalHandler: ChannelDuplexHandler, RemovableChannelHandler {
         let start = ContinuousClock.now
         guard (try? host.resolve(target.model, version: target.version)) != nil else { return nil }
         if let gatekeeper, gatekeeper.requiresKeys {
-            guard case let key?? = try? gatekeeper.authenticate(head.headerFields.value), key.allows(target.model) else { return nil }
+            guard case let key?? = try? gatekeeper.authenticate(head.headerFields.value, counting: false), key.allows(target.model) else { return nil }
         }
         do {
             try host.refuseEarly(target.model, version: target.version)

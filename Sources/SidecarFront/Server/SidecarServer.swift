@@ -84,10 +84,10 @@ public func runServer(
             "the admin API would listen on \(configuration.adminHost):\(port) without a token; set admin_token_file "
                 + "(or --admin-token-file, or $SIDECAR_ADMIN_TOKEN), or bind it to 127.0.0.1")
     }
+    let metrics = FrontMetrics.shared()  // first: it bootstraps the metrics the rest create
     // Certificates and keys are read before anything starts: a bad file stops the server here.
     let edge = try Edge(configuration.edge)
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
-    let metrics = FrontMetrics.shared()
     // Bundles by sha256: fetched from the repository, or pushed by `sidecar deploy`.
     let store = BundleStore(
         root: configuration.hostOptions.environment.cacheDirectory.appendingPathComponent("repository"),
@@ -111,7 +111,8 @@ public func runServer(
         ).router(),
         // An overloaded model's requests are refused from their heads on the event loop.
         server: edge.httpServer(gate: edge.gate("http"), additionalHandlers: { [EarlyRefusalHandler(host: host, metrics: metrics, gatekeeper: gatekeeper)] }),
-        configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar"),
+        // A long backlog: under a flood of connections new clients wait in it rather than be dropped.
+        configuration: .init(address: .hostname(configuration.host, port: configuration.httpPort), serverName: "sidecar", backlog: 4096),
         onServerRunning: { channel in ports.http(channel.localAddress?.port ?? configuration.httpPort) },
         logger: logger)
 
@@ -145,7 +146,7 @@ public func runServer(
         services.append(.init(service: Application(
             router: admin.router(),
             server: edge.httpServer(gate: edge.gate("admin")),
-            configuration: .init(address: .hostname(configuration.adminHost, port: adminPort), serverName: "sidecar-admin"),
+            configuration: .init(address: .hostname(configuration.adminHost, port: adminPort), serverName: "sidecar-admin", backlog: 4096),
             onServerRunning: { channel in ports.admin(channel.localAddress?.port ?? adminPort) },
             logger: logger)))
     }
