@@ -16,7 +16,8 @@ struct KeysCommand: ParsableCommand {
             abstract: "Make a random key: prints the key (give it to the client) and its keys-file entry.",
             discussion: """
                 The key goes to stderr, the YAML entry to stdout, so that the entry can be appended to \
-                the keys file while the key is shown once:
+                the keys file (a list of entries, with or without a 'keys:' line above it) while the \
+                key is shown once:
 
                   sidecar keys new alice --models iris --rate 50 --burst 10 >> keys.yaml
                   kill -HUP $(pidof sidecar)      # the server reads the keys file again
@@ -35,7 +36,7 @@ struct KeysCommand: ParsableCommand {
         var burst: Double?
 
         func validate() throws {
-            guard !name.isEmpty, name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.".contains($0) }) else {
+            guard !name.isEmpty, name.count <= 200, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }) else {
                 throw ValidationError("a key's name is letters, digits, '-', '_' and '.'; got '\(name)'")
             }
             if let rate, !(rate > 0) { throw ValidationError("--rate must be above 0") }

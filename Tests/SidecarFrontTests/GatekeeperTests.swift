@@ -133,16 +133,4 @@ import Testing
             } catch { #expect("\(error)".contains(named), "\(error)") }
         }
     }
-
-    @Test func pathsFallIntoTheirCategories() {
-        #expect(GateMiddleware.category("/v2/health/live") == .health)
-        #expect(GateMiddleware.category("/v2/models/iris/ready") == .health)
-        #expect(GateMiddleware.category("/v2/models/iris/versions/2/ready") == .health)
-        #expect(GateMiddleware.category("/v2") == .metadata)
-        #expect(GateMiddleware.category("/v2/models/iris") == .metadata)
-        #expect(GateMiddleware.category("/status") == .metadata)
-        #expect(GateMiddleware.category("/metrics") == .metrics)
-        #expect(GateMiddleware.category("/repository/manifest.json") == nil)
-        #expect(GateMiddleware.isInference("/v2/models/ir%69s/infer"))
-    }
 }

@@ -19,11 +19,11 @@ import Testing
 
     @Test func opensAtTheFailureRateOnlyOnceEnoughRequestsWereSeen() {
         var b = CircuitBreaker(settings: settings(), now: start)
-        #expect(b.record(.failure, probe: false, now: at(1)) == nil)
-        #expect(b.record(.failure, probe: false, now: at(2)) == nil)
-        #expect(b.record(.failure, probe: false, now: at(3)) == nil)  // 3 of 3: too few to judge
+        #expect(b.record(.failure, now: at(1)) == nil)
+        #expect(b.record(.failure, now: at(2)) == nil)
+        #expect(b.record(.failure, now: at(3)) == nil)  // 3 of 3: too few to judge
         #expect(b.state == .closed)
-        let t = b.record(.success, probe: false, now: at(4))  // 3 of 4 failed
+        let t = b.record(.success, now: at(4))  // 3 of 4 failed
         #expect(t?.to == .open)
         #expect(b.state == .open)
         #expect(b.decide(now: at(5)).0 == .open(retryAfter: .milliseconds(1999)))
@@ -31,47 +31,53 @@ import Testing
 
     @Test func successesKeepItClosedAndNeutralOutcomesDoNotCount() {
         var b = CircuitBreaker(settings: settings(), now: start)
-        for i in 0..<10 { _ = b.record(i % 4 == 0 ? .failure : .success, probe: false, now: at(i)) }  // 3 of 10, never half
-        for i in 10..<100 { _ = b.record(.neutral, probe: false, now: at(i)) }
+        for i in 0..<10 { _ = b.record(i % 4 == 0 ? .failure : .success, now: at(i)) }  // 3 of 10, never half
+        for i in 10..<100 { _ = b.record(.neutral, now: at(i)) }
         #expect(b.state == .closed)
         #expect(b.window(now: at(100)) == (10, 3))
     }
 
     @Test func oldOutcomesLeaveTheWindow() {
         var b = CircuitBreaker(settings: settings(min: 2), now: start)
-        _ = b.record(.failure, probe: false, now: at(0))
+        _ = b.record(.failure, now: at(0))
         // 11 s later the failure is out of the 10 s window: one more is 1 of 1, not 2 of 2.
         #expect(b.window(now: at(11_000)) == (0, 0))
-        #expect(b.record(.failure, probe: false, now: at(11_000)) == nil)
+        #expect(b.record(.failure, now: at(11_000)) == nil)
         #expect(b.state == .closed)
     }
 
     @Test func halfOpenLetsTheProbesThroughAndClosesWhenAllSucceed() {
         var b = CircuitBreaker(settings: settings(min: 1, probes: 2), now: start)
-        _ = b.record(.failure, probe: false, now: at(0))
+        _ = b.record(.failure, now: at(0))
         #expect(b.state == .open)
-        #expect(b.decide(now: at(1999)).0 != .primary(probe: true))
+        #expect(b.decide(now: at(1999)).0 == .open(retryAfter: .milliseconds(1)))
         let (first, transition) = b.decide(now: at(2000))
-        #expect(first == .primary(probe: true))
+        #expect(first == .probe(round: 1))
         #expect(transition?.to == .halfOpen)
-        #expect(b.decide(now: at(2001)).0 == .primary(probe: true))
+        #expect(b.decide(now: at(2001)).0 == .probe(round: 1))
         #expect(b.decide(now: at(2002)).0 == .open(retryAfter: .seconds(1)))  // both probes out
         // A probe that said nothing (the caller went away) frees its place.
-        #expect(b.record(.neutral, probe: true, now: at(2003)) == nil)
-        #expect(b.decide(now: at(2004)).0 == .primary(probe: true))
-        #expect(b.record(.success, probe: true, now: at(2005)) == nil)
-        #expect(b.record(.success, probe: true, now: at(2006))?.to == .closed)
+        #expect(b.record(.neutral, probe: 1, now: at(2003)) == nil)
+        #expect(b.decide(now: at(2004)).0 == .probe(round: 1))
+        #expect(b.record(.success, probe: 1, now: at(2005)) == nil)
+        #expect(b.record(.success, probe: 1, now: at(2006))?.to == .closed)
         #expect(b.state == .closed)
         #expect(b.window(now: at(2007)) == (0, 0))  // a fresh window
     }
 
     @Test func aFailedProbeOpensItAgain() {
         var b = CircuitBreaker(settings: settings(min: 1, probes: 3), now: start)
-        _ = b.record(.failure, probe: false, now: at(0))
+        _ = b.record(.failure, now: at(0))
         _ = b.decide(now: at(2000))
-        #expect(b.record(.failure, probe: true, now: at(2001))?.to == .open)
+        #expect(b.record(.failure, probe: 1, now: at(2001))?.to == .open)
         #expect(b.opened == 2)
         #expect(b.decide(now: at(3000)).0 == .open(retryAfter: .milliseconds(1001)))
+        // A probe of round 1 that answers in round 2 counts in neither.
+        #expect(b.decide(now: at(4001)).0 == .probe(round: 2))
+        #expect(b.record(.success, probe: 1, now: at(4002)) == nil)
+        #expect(b.record(.success, probe: 1, now: at(4003)) == nil)
+        #expect(b.record(.success, probe: 1, now: at(4004)) == nil)
+        #expect(b.state == .halfOpen)
     }
 
     @Test func fallbackAndBreakerKeysAreReadAndCheckedWithTheirNames() throws {

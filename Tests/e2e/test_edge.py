@@ -1033,6 +1033,50 @@ def test_half_sent_body_and_trickled_head_get_408_at_request_timeout(slow_server
     assert infer(slow_server).status == 200
 
 
+def test_clocks_hold_when_a_request_is_answered_before_its_body_arrives(slow_server):
+    """A request answered at its head (404 for a model that does not exist) whose body goes on
+    arriving: once it has, the connection is idle and closed at the idle timeout; if it never
+    does, the request clock closes the connection without a second answer (no 408 after the 404)."""
+    port = slow_server.http_port
+    results = {}
+    for case in ("finished", "abandoned"):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        try:
+            sock.sendall(b"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b"x" * 500)
+            head = _read_http_response(sock)
+            assert head.startswith(b"HTTP/1.1 404"), head
+            started = time.monotonic()
+            if case == "finished":
+                sock.sendall(b"x" * 500)
+            closed, got, how = _read_until_closed(sock, started, max(REQUEST_TIMEOUT_S, IDLE_TIMEOUT_S) + 5)
+            results[case] = (closed, got, how)
+        finally:
+            sock.close()
+    closed, got, how = results["finished"]
+    assert closed is not None, "a connection whose early-answered request then finished was never closed (idle clock lost)"
+    assert IDLE_TIMEOUT_S - 0.3 <= closed <= IDLE_TIMEOUT_S + SLACK_S, f"closed {closed:.2f} s after its body ended ({how})"
+    closed, got, how = results["abandoned"]
+    assert closed is not None, "a connection holding half of an early-answered request was never closed"
+    assert closed <= REQUEST_TIMEOUT_S + SLACK_S, f"closed after {closed:.2f} s"
+    assert b"408" not in got, f"a second answer after the 404: {got[:200]!r}"
+
+
+def test_pipelined_requests_keep_their_answers_in_order(slow_server):
+    """Two requests sent at once on one connection: both answered, in order, with nothing else."""
+    port = slow_server.http_port
+    body = b'{"instances": [7]}'
+    one = (f"POST /v1/models/{ECHO}:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(one + one)
+        first, second = _read_http_response(sock), _read_http_response(sock)
+    finally:
+        sock.close()
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200"), (first, second)
+
+
 def test_idle_connections_closed_at_idle_timeout(slow_server):
     port = slow_server.http_port
     ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -1126,6 +1170,85 @@ def test_grpc_idle_connection_gets_goaway(slow_server):
     assert goaway_at is not None, f"no GOAWAY within {IDLE_TIMEOUT_S + 6} s (frames {kinds}, closed at {closed_at})"
     assert IDLE_TIMEOUT_S - 0.3 <= goaway_at <= IDLE_TIMEOUT_S + SLACK_S, f"GOAWAY after {goaway_at:.2f} s (frames {kinds})"
     assert closed_at is not None and closed_at - goaway_at <= 2.0, f"GOAWAY at {goaway_at:.2f} s, closed at {closed_at}"
+
+
+def _hpack_literal(headers: list[tuple[str, str]]) -> bytes:
+    """Headers as HPACK literals without indexing (no Huffman): what any HTTP/2 peer must accept."""
+    out = b""
+    for name, value in headers:
+        assert len(name) < 127 and len(value) < 127
+        out += b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    return out
+
+
+def _grpc_headers(port: int, method: str) -> bytes:
+    return _hpack_literal([(":method", "POST"), (":scheme", "http"), (":path", f"/inference.GRPCInferenceService/{method}"),
+                           (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"), ("te", "trailers")])
+
+
+def _watch_stream(sock: socket.socket, started: float, limit: float) -> tuple[float | None, list[int]]:
+    """Reads frames for up to `limit` s, answering SETTINGS and PING; returns when stream 1 was reset
+    (RST_STREAM) or ended (HEADERS with END_STREAM: trailers), and the frame types seen."""
+    buffer, kinds = b"", []
+    sock.settimeout(0.1)
+    while time.monotonic() - started < limit:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            return None, kinds
+        buffer += chunk
+        while len(buffer) >= 9:
+            length = int.from_bytes(buffer[:3], "big")
+            if len(buffer) < 9 + length:
+                break
+            kind, flags, stream = buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            payload = buffer[9:9 + length]
+            buffer = buffer[9 + length:]
+            kinds.append(kind)
+            if kind == 4 and not flags & 1:
+                sock.sendall(_h2_frame(4, 1, 0))
+            elif kind == 6 and not flags & 1:
+                sock.sendall(_h2_frame(6, 1, 0, payload))
+            elif stream == 1 and (kind == 3 or (kind == 1 and flags & 1)):
+                return time.monotonic() - started, kinds
+    return None, kinds
+
+
+def test_grpc_half_sent_message_is_reset_at_request_timeout(slow_server):
+    """A ModelInfer call whose message never finishes (5-byte prefix for 100 bytes, 10 sent) holds
+    its stream only until the request timeout: then the stream is reset (or ended with a status)."""
+    port = slow_server.grpc_port
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        started = time.monotonic()
+        sock.sendall(H2_PREFACE + _h2_frame(4, 0, 0) + _h2_frame(1, 4, 1, _grpc_headers(port, "ModelInfer"))
+                     + _h2_frame(0, 0, 1, b"\x00" + struct.pack(">I", 100) + b"x" * 10))
+        ended, kinds = _watch_stream(sock, started, REQUEST_TIMEOUT_S + 4)
+    finally:
+        sock.close()
+    assert ended is not None, f"the half-sent call was not reset within {REQUEST_TIMEOUT_S + 4} s (frames {kinds})"
+    assert REQUEST_TIMEOUT_S - 0.3 <= ended <= REQUEST_TIMEOUT_S + SLACK_S, f"reset after {ended:.2f} s (frames {kinds})"
+
+
+def test_grpc_stream_call_may_wait_between_messages_but_not_inside_one(slow_server):
+    """ModelStreamInfer: a stream quiet between messages for longer than the request timeout is
+    kept; a message left half sent is reset at the request timeout."""
+    port = slow_server.grpc_port
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        started = time.monotonic()
+        sock.sendall(H2_PREFACE + _h2_frame(4, 0, 0) + _h2_frame(1, 4, 1, _grpc_headers(port, "ModelStreamInfer")))
+        ended, kinds = _watch_stream(sock, started, REQUEST_TIMEOUT_S + 1)
+        assert ended is None, f"a stream waiting between messages was ended after {ended:.2f} s (frames {kinds})"
+        half_at = time.monotonic()
+        sock.sendall(_h2_frame(0, 0, 1, b"\x00" + struct.pack(">I", 50) + b"y" * 5))
+        ended, kinds = _watch_stream(sock, half_at, REQUEST_TIMEOUT_S + 4)
+    finally:
+        sock.close()
+    assert ended is not None, f"the half-sent message was not reset within {REQUEST_TIMEOUT_S + 4} s (frames {kinds})"
+    assert REQUEST_TIMEOUT_S - 0.3 <= ended <= REQUEST_TIMEOUT_S + SLACK_S, f"reset {ended:.2f} s after the half message (frames {kinds})"
 
 
 def test_grpcio_channel_idle_then_reconnects_and_open_stream_survives(slow_server):

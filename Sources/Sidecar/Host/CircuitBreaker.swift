@@ -16,8 +16,10 @@ struct CircuitBreaker: Sendable {
     }
 
     enum Decision: Equatable {
-        /// Send to the primary; `probe` when it is one of the half-open breaker's probes.
-        case primary(probe: Bool)
+        /// Send to the primary.
+        case primary
+        /// Send to the primary as a probe of half-open round `round`.
+        case probe(round: Int)
         /// Do not: the breaker is open (or its probes are all out) for `retryAfter` more.
         case open(retryAfter: Duration)
     }
@@ -43,6 +45,8 @@ struct CircuitBreaker: Sendable {
     private var buckets = [Bucket](repeating: Bucket(), count: 10)
     private var probesOut = 0
     private var probesSucceeded = 0
+    /// Which half-open round the probes out belong to: an answer from an earlier round counts in none.
+    private(set) var round = 0
     private let origin: ContinuousClock.Instant
 
     init(settings: ModelConfiguration.Breaker, now: ContinuousClock.Instant = .now) {
@@ -67,6 +71,7 @@ struct CircuitBreaker: Sendable {
         state = .halfOpen
         probesOut = 0
         probesSucceeded = 0
+        round += 1
         return Transition(from: .open, to: .halfOpen, why: "cool-down of \(settings.coolDown) passed; letting \(settings.probes) probe request(s) through")
     }
 
@@ -75,10 +80,10 @@ struct CircuitBreaker: Sendable {
         let transition = advance(now: now)
         switch state {
         case .closed:
-            return (.primary(probe: false), transition)
+            return (.primary, transition)
         case .halfOpen where probesOut < settings.probes:
             probesOut += 1
-            return (.primary(probe: true), transition)
+            return (.probe(round: round), transition)
         case .halfOpen:
             // Every probe is out: wait for their answers before sending more.
             return (.open(retryAfter: .seconds(1)), transition)
@@ -87,13 +92,14 @@ struct CircuitBreaker: Sendable {
         }
     }
 
-    /// Counts a request's outcome; returns the transition it caused, if any.
-    mutating func record(_ outcome: Outcome, probe: Bool, now: ContinuousClock.Instant) -> Transition? {
-        if probe {
-            guard state == .halfOpen else { return nil }
+    /// Counts a request's outcome (`probe`: the round of the probe it was); returns the transition
+    /// it caused, if any.
+    mutating func record(_ outcome: Outcome, probe: Int? = nil, now: ContinuousClock.Instant) -> Transition? {
+        if let probe {
+            guard state == .halfOpen, probe == round else { return nil }
             switch outcome {
             case .neutral:
-                probesOut -= 1  // it said nothing about the primary: another request may probe
+                probesOut = max(0, probesOut - 1)  // it said nothing about the primary: another request may probe
                 return nil
             case .failure:
                 return trip(now: now, why: "a probe request failed")

@@ -135,7 +135,8 @@ public final class Model: Sendable {
             primary: { try await self.submitInference(inputs, deadline: deadline) },
             alternative: { model, _ in
                 if let model {
-                    try model.validate(inputs)
+                    // A request the fallback model cannot take gets the primary's error, not a 400.
+                    guard (try? model.validate(inputs)) != nil else { return nil }
                     return try await model.submitInference(inputs, deadline: ModelGuard.fallbackDeadline(deadline))
                 }
                 return fixed

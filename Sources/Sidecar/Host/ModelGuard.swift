@@ -82,6 +82,7 @@ final class ModelGuard: Sendable {
     /// Finds the fallback model by name (set by the host; a model does not hold its host).
     private let lookup = Mutex<(@Sendable (String) -> Model?)?>(nil)
     private let logger: Logger
+    private let missingWarned = Atomic(false)
     private let fallbacks: [FallbackReason: Counter]
     private let breakerGauge: Gauge?
 
@@ -156,15 +157,16 @@ final class ModelGuard: Sendable {
         failed: (Value) -> Bool = { _ in false },
         alternative: (Model?, FallbackReason) async throws -> Value?
     ) async throws -> Served<Value> {
-        var probe = false
+        var probe: Int?
         if hasBreaker {
             let (decision, transition) = breaker.withLock { b -> (CircuitBreaker.Decision, CircuitBreaker.Transition?) in
-                guard b != nil else { return (.primary(probe: false), nil) }
+                guard b != nil else { return (.primary, nil) }
                 return b!.decide(now: .now)
             }
             report(transition)
             switch decision {
-            case .primary(let isProbe): probe = isProbe
+            case .primary: break
+            case .probe(let round): probe = round
             case .open(let retryAfter):
                 if let answer = try await answer(.breakerOpen, alternative) { return answer }
                 throw openError(retryAfter)
@@ -186,7 +188,10 @@ final class ModelGuard: Sendable {
             return Served(value: value, fallback: nil)
         } catch {
             let reason = FallbackReason.of(error)
-            record(reason.map { $0 == .queueFull ? .neutral : .failure } ?? .neutral, probe: probe)
+            // Overload is not failure, nor is a deadline the caller chose (any client could open
+            // the breaker for everyone with tiny deadlines); the server's own timeouts are.
+            let neutral = reason == nil || reason == .queueFull || (reason == .timeout && deadline != nil)
+            record(neutral ? .neutral : .failure, probe: probe)
             if let reason, covers(reason), let answer = try await answer(reason, alternative) { return answer }
             throw error
         }
@@ -208,9 +213,13 @@ final class ModelGuard: Sendable {
         switch fallback.target {
         case .model(let name):
             guard let model = lookup.withLock({ $0 })?(name) else {
-                logger.warning("fallback model '\(name)' is not loaded; the request gets the primary's error")
+                // Said once until it is back, not once per request.
+                if !missingWarned.exchange(true, ordering: .relaxed) {
+                    logger.warning("fallback model '\(name)' is not loaded; requests get the primary's error until it is")
+                }
                 return nil
             }
+            missingWarned.store(false, ordering: .relaxed)
             value = try await alternative(model, reason)
             source = name
         case .response:
@@ -222,7 +231,7 @@ final class ModelGuard: Sendable {
         return Served(value: value, fallback: FallbackUse(reason: reason, source: source))
     }
 
-    func record(_ outcome: CircuitBreaker.Outcome, probe: Bool) {
+    func record(_ outcome: CircuitBreaker.Outcome, probe: Int?) {
         guard hasBreaker else { return }
         let transition = breaker.withLock { $0?.record(outcome, probe: probe, now: .now) ?? nil }
         report(transition)

@@ -482,7 +482,9 @@ private struct ConfigReader {
                 guard case .scalar = v, let rate = v.float, rate > 0, rate <= 1 else { throw fail(path, "a share of requests above 0 and at most 1 (0.5: half)", got: v) }
                 breaker.failureRate = rate
             case "min_requests": breaker.minRequests = try int(v, key: path, range: 1...1_000_000)
-            case "window_s": breaker.window = try seconds(v, key: path)
+            case "window_s":
+                breaker.window = try seconds(v, key: path)
+                guard breaker.window >= .milliseconds(100) else { throw fail(path, "at least 0.1 seconds", got: v) }
             case "cool_down_s": breaker.coolDown = try seconds(v, key: path)
             default: breaker.probes = try int(v, key: path, range: 1...10_000)
             }

@@ -31,7 +31,9 @@ enum APIKeys {
         guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { throw fail("cannot read it") }
         let root: Yams.Node?
         do { root = try Yams.compose(yaml: text) } catch { throw fail("not valid YAML: \(error)") }
-        guard let entries = root?.mapping?["keys"], case .sequence(let list) = entries else {
+        // `keys: [...]`, or the list alone (what `sidecar keys new >> FILE` makes of an empty file).
+        let entries = root.flatMap { $0.mapping?["keys"] ?? ($0.sequence != nil ? $0 : nil) }
+        guard let entries, case .sequence(let list) = entries else {
             throw fail("must be a mapping with 'keys:', a list of {name, sha256, models, rate, burst}")
         }
         var keys: [APIKey] = []
@@ -58,7 +60,8 @@ enum APIKeys {
                         return name
                     })
                 case "rate", "burst":
-                    guard let value = v.float, value.isFinite, value > 0 else { throw fail("keys[\(index)].\(field) must be a positive number") }
+                    let least = field == "rate" ? RateLimit.slowest : 1
+                    guard let value = v.float, value.isFinite, value >= least, value <= 1e9 else { throw fail("keys[\(index)].\(field) must be a number from \(least) to 1e9") }
                     if field == "rate" { rate = value } else { burst = value }
                 default:
                     throw fail("unknown key 'keys[\(index)].\(field)'; expected one of: name, sha256, models, rate, burst")

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#else
+import Darwin
+#endif
 import GRPCCore
 import GRPCNIOTransportHTTP2
 import Hummingbird
@@ -18,11 +23,32 @@ final class Edge: Sendable {
     let credentials: TLSCredentials?
     let gatekeeper: Gatekeeper
 
-    init(_ configuration: EdgeConfiguration) throws {
+    init(_ configuration: EdgeConfiguration, logger: Logger) throws {
+        var configuration = configuration
+        configuration.maxConnections = Self.fitDescriptors(configuration.maxConnections, logger: logger)
         self.configuration = configuration
         credentials = try configuration.tls.map(TLSCredentials.init)
         gatekeeper = try Gatekeeper(configuration: configuration)
     }
+
+    /// Raises the soft limit of open files to the hard one, and lowers `max_connections` so that
+    /// three listeners at their cap still leave descriptors for workers, sockets and files: past
+    /// the process's limit, accepting fails before the gate could close anything.
+    static func fitDescriptors(_ maxConnections: Int, logger: Logger) -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return maxConnections }
+        if limit.rlim_cur < limit.rlim_max {
+            var raised = limit
+            raised.rlim_cur = limit.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &raised) == 0 { limit = raised }
+        }
+        let budget = max(16, (Int(clamping: limit.rlim_cur) - 512) / 3)
+        guard maxConnections > budget else { return maxConnections }
+        logger.warning("limits.max_connections \(maxConnections) per listener is more than the \(limit.rlim_cur) open files this process may have allow for three listeners; using \(budget) (raise the limit: ulimit -n, or LimitNOFILE= in systemd)")
+        return budget
+    }
+
+    static func timeAmount(_ duration: Duration) -> TimeAmount { .nanoseconds(Int64(min(duration.inSeconds, 1e9) * 1e9)) }
 
     /// How long a keepalive ping may go unanswered.
     private var keepaliveTimeout: Duration { min(.seconds(20), configuration.idleTimeout) }
@@ -35,10 +61,14 @@ final class Edge: Sendable {
         gatekeeper.reload(logger: logger)
     }
 
-    /// An HTTP/1 listener's server: Hummingbird's HTTP1 channel behind the guard (and TLS).
-    func httpServer(gate: ConnectionGate, additionalHandlers: @escaping @Sendable () -> [any RemovableChannelHandler] = { [] }) -> HTTPServerBuilder {
-        let request = TimeAmount.nanoseconds(Int64(configuration.requestTimeout.inSeconds * 1e9))
-        let idle = TimeAmount.nanoseconds(Int64(configuration.idleTimeout.inSeconds * 1e9))
+    /// An HTTP/1 listener's server: Hummingbird's HTTP1 channel behind TLS and the guard.
+    /// `minimumRequestTimeout`: the admin listener takes bundle uploads of hundreds of megabytes.
+    func httpServer(
+        gate: ConnectionGate, minimumRequestTimeout: Duration = .zero,
+        additionalHandlers: @escaping @Sendable () -> [any RemovableChannelHandler] = { [] }
+    ) -> HTTPServerBuilder {
+        let request = Self.timeAmount(max(configuration.requestTimeout, minimumRequestTimeout))
+        let idle = Self.timeAmount(configuration.idleTimeout)
         let credentials = credentials
         return HTTPServerBuilder { responder in
             let base = HTTP1Channel(
@@ -54,7 +84,13 @@ final class Edge: Sendable {
         var config = HTTP2ServerTransport.Custom<GuardedListenerFactory>.Config.defaults
         config.rpc.maxRequestPayloadSize = maxRequestPayload
         config.connection.maxIdleTime = configuration.idleTimeout
-        config.connection.maxGraceTime = configuration.idleTimeout
+        // Each stream gets its clock (a request, or a streaming call's message, must arrive in time).
+        config.channelDebuggingCallbacks.onAcceptHTTP2Stream = { stream in
+            stream.eventLoop.makeCompletedFuture {
+                guard let connection = stream.parent, let connectionGuard = try? connection.pipeline.syncOperations.handler(type: ConnectionGuard.self) else { return }
+                try stream.pipeline.syncOperations.addHandler(StreamClock(connectionGuard: connectionGuard), position: .first)
+            }
+        }
         // A connection quiet for the idle timeout is pinged; a live peer answers at once (the
         // guard closes one that does not: ``ConnectionGuard/Clocks/silence(_:)``).
         config.connection.keepalive = .init(
@@ -63,7 +99,7 @@ final class Edge: Sendable {
         return HTTP2ServerTransport.Custom(
             listenerFactory: GuardedListenerFactory(
                 host: host, port: port, gate: gate, credentials: credentials,
-                silence: .nanoseconds(Int64((configuration.idleTimeout + keepaliveTimeout).inSeconds * 1e9))),
+                request: Self.timeAmount(configuration.requestTimeout), silence: Self.timeAmount(configuration.idleTimeout + keepaliveTimeout)),
             config: config)
     }
 }
@@ -79,8 +115,8 @@ struct GuardedChannel<Base: ServerChildChannel>: ServerChildChannel {
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
             let pipeline = channel.pipeline.syncOperations
-            try pipeline.addHandler(ConnectionGuard(gate: gate, clocks: clocks))
             if let credentials { try pipeline.addHandler(NIOSSLServerHandler(context: credentials.context(.http1))) }
+            try pipeline.addHandler(ConnectionGuard(gate: gate, clocks: clocks))
         }.flatMap {
             base.setup(channel: channel, logger: logger)
         }
@@ -102,6 +138,7 @@ struct GuardedListenerFactory: HTTP2ServerTransport.ListenerFactory {
     let port: Int
     let gate: ConnectionGate
     let credentials: TLSCredentials?
+    let request: TimeAmount
     let silence: TimeAmount
     var eventLoopGroup: any EventLoopGroup { MultiThreadedEventLoopGroup.singleton }
 
@@ -111,7 +148,7 @@ struct GuardedListenerFactory: HTTP2ServerTransport.ListenerFactory {
     ) async throws -> NIOAsyncChannel<HTTP2ServerTransport.ConnectionConfigurator.ConnectionChannel, Never> {
         let gate = gate
         let credentials = credentials
-        let silence = silence
+        let clocks = ConnectionGuard.Clocks.http2(request: request, silence: silence)
         return try await ServerBootstrap(group: eventLoopGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 4096)
@@ -119,8 +156,8 @@ struct GuardedListenerFactory: HTTP2ServerTransport.ListenerFactory {
             .bind(host: host, port: port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let pipeline = channel.pipeline.syncOperations
-                    try pipeline.addHandler(ConnectionGuard(gate: gate, clocks: .silence(silence)))
                     if let credentials { try pipeline.addHandler(NIOSSLServerHandler(context: credentials.context(.grpc))) }
+                    try pipeline.addHandler(ConnectionGuard(gate: gate, clocks: clocks))
                 }.flatMap {
                     connectionConfigurator.configure(channel: channel, tls: credentials == nil ? .none : .configured(requireALPN: false))
                 }

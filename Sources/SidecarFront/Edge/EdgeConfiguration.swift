@@ -122,6 +122,9 @@ public struct RateLimit: Sendable, Equatable {
     public var rate: Double
     public var burst: Double
 
+    /// The slowest rate (one request in 1000 s): slower ones mean nothing and overflow the waits.
+    public static let slowest = 0.001
+
     public init(rate: Double, burst: Double? = nil) {
         self.rate = rate
         self.burst = burst ?? max(1, rate)
@@ -136,8 +139,8 @@ public struct RateLimit: Sendable, Equatable {
             guard let name = k.string, ["rate", "burst"].contains(name) else {
                 throw SidecarError(.invalidConfiguration, "\(path): unknown key '\(key).\(k.string ?? "?")'; expected one of: rate, burst")
             }
-            guard let value = v.float, value.isFinite, value > 0, value <= 1e9 else {
-                throw SidecarError(.invalidConfiguration, "\(path): '\(key).\(name)' must be a positive number")
+            guard let value = v.float, value.isFinite, value >= RateLimit.slowest, value <= 1e9 else {
+                throw SidecarError(.invalidConfiguration, "\(path): '\(key).\(name)' must be a number from \(RateLimit.slowest) to 1e9")
             }
             if name == "rate" { rate = value } else { burst = max(1, value) }
         }

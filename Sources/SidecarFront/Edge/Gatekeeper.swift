@@ -83,7 +83,7 @@ final class Gatekeeper: Sendable {
         guard keyLimit != nil || modelLimit != nil else { return }
         let now = ContinuousClock.now
         // Both buckets are checked before either is drawn from, so a refusal costs neither.
-        let refusal: (who: String, wait: Duration, limit: RateLimit)? = buckets.withLock { buckets in
+        let refusal: (who: String, wait: Double, limit: RateLimit)? = buckets.withLock { buckets in
             var checks: [(String, String, RateLimit)] = []
             if let key, let keyLimit { checks.append(("key:" + key.name, key.name, keyLimit)) }
             if let modelLimit { checks.append(("model:" + model, "_model", modelLimit)) }
@@ -98,7 +98,7 @@ final class Gatekeeper: Sendable {
         }
         guard let refusal else { return }
         Counter(label: "sidecar_rate_limited_total", dimensions: [("key", refusal.who), ("model", known ? model : FrontMetrics.unknownModel)]).increment()
-        let seconds = max(1, Int(refusal.wait.inSeconds.rounded(.up)))
+        let seconds = max(1, Int(refusal.wait.rounded(.up)))
         let whose = refusal.who == "_model" ? "model '\(model)' (rate_limits)" : "the API key '\(refusal.who)'"
         throw FrontError(
             .rateLimited,
@@ -126,8 +126,6 @@ struct TokenBucket: Sendable {
         updated = now
     }
 
-    /// Until the next token.
-    func wait(limit: RateLimit) -> Duration {
-        .milliseconds(Int64(max(0, 1 - tokens) / limit.rate * 1000))
-    }
+    /// Seconds until the next token.
+    func wait(limit: RateLimit) -> Double { max(0, 1 - tokens) / limit.rate }
 }

@@ -22,10 +22,8 @@ struct InferenceServiceRegistration: RegistrableRPCService {
             serializer: ProtobufSerializer<Inference_ModelInferResponse>(),
             handler: { request, context in
                 let key = try service.authenticate(request.metadata)
-                // A message that never finishes arriving must not hold its stream for ever.
-                guard let single = try await within(service.requestTimeout, { try await ServerRequest(stream: request) }) else {
-                    throw RPCError(code: .deadlineExceeded, message: "the request message did not arrive in full within limits.request_timeout_s (\(service.requestTimeout))")
-                }
+                // A message that never finishes arriving is reset by its stream's clock (StreamClock).
+                let single = try await ServerRequest(stream: request)
                 let start = ContinuousClock.now
                 try service.admit(key, single.message, since: start)
                 try service.refuseEarly(single.message, since: start)

@@ -13,8 +13,6 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     let maxMessageBytes: Int
     /// API keys and rate limits (nil: none).
     var gatekeeper: Gatekeeper? = nil
-    /// A ModelInfer request's message must arrive within this of the call's start (`limits.request_timeout_s`).
-    var requestTimeout: Duration = .seconds(30)
 
     /// The key in a call's metadata, checked (nil without keys); throws UNAUTHENTICATED.
     func authenticate(_ metadata: Metadata) throws -> APIKey? {
@@ -26,7 +24,9 @@ struct InferenceService: Inference_GRPCInferenceService.SimpleServiceProtocol {
     /// PERMISSION_DENIED or RESOURCE_EXHAUSTED.
     func admit(_ key: APIKey?, _ raw: InferRequestBytes, since start: ContinuousClock.Instant) throws {
         guard let gatekeeper, gatekeeper.isActive else { return }
-        let name = InferRequestPeek(raw.bytes)?.model ?? ""
+        // Bytes the peek cannot read (an unknown group field, which protobuf skips) are decoded
+        // for their name: a request must never reach a model under the empty name's limits.
+        let name = try InferRequestPeek(raw.bytes)?.model ?? raw.decoded().modelName
         let known = (try? host.resolve(name)) != nil
         do { try gatekeeper.admit(key, model: name, known: known) } catch {
             let failure = FrontError.from(error)

@@ -28,24 +28,33 @@ struct HTTPFront: Sendable {
 
     func router() -> Router<BasicRequestContext> {
         let router = Router(context: BasicRequestContext.self)
-        if let gatekeeper, gatekeeper.requiresKeys { router.add(middleware: GateMiddleware(gatekeeper: gatekeeper)) }
-        router.get("v2/health/live") { _, _ in json(["live": true]) }
-        router.get("v2/health/ready") { _, _ in
+        // Each group of routes is what `auth.open` names; the gate is decided by the route that
+        // matched, never by parsing the path again. Inference routes check the key in their
+        // handlers, against the model they resolve.
+        func group(_ category: EndpointCategory?) -> RouterGroup<BasicRequestContext> {
+            let group = router.group()
+            if let gatekeeper, gatekeeper.requiresKeys { group.add(middleware: GateMiddleware(gatekeeper: gatekeeper, category: category)) }
+            return group
+        }
+        let health = group(.health)
+        let metadata = group(.metadata)
+        health.get("v2/health/live") { _, _ in json(["live": true]) }
+        health.get("v2/health/ready") { _, _ in
             let ready = readiness.isReady
             return json(["ready": ready], status: ready ? .ok : .serviceUnavailable)
         }
-        router.get("v2") { _, _ in
+        metadata.get("v2") { _, _ in
             json(ServerMetadata(name: "sidecar", version: sidecarVersion, extensions: ["binary_tensor_data", "kserve_v1", "metrics"]))
         }
-        router.get("v2/models/{model}") { _, context in try metadata(context) }
-        router.get("v2/models/{model}/versions/{version}") { _, context in try metadata(context) }
-        router.get("v2/models/{model}/ready") { _, context in try modelReady(context) }
-        router.get("v2/models/{model}/versions/{version}/ready") { _, context in try modelReady(context) }
+        metadata.get("v2/models/{model}") { _, context in try self.metadata(context) }
+        metadata.get("v2/models/{model}/versions/{version}") { _, context in try self.metadata(context) }
+        health.get("v2/models/{model}/ready") { _, context in try modelReady(context) }
+        health.get("v2/models/{model}/versions/{version}/ready") { _, context in try modelReady(context) }
         router.post("v2/models/{model}/infer") { request, context in try await infer(request, context) }
         router.post("v2/models/{model}/versions/{version}/infer") { request, context in try await infer(request, context) }
         router.post("v1/models/{spec}") { request, context in try await predictV1(request, context) }
-        router.get("status") { _, _ in json(StatusReport.host(host, repository: repository, inboxes: inboxes)) }
-        router.get("status/{model}") { _, context in
+        metadata.get("status") { _, _ in json(StatusReport.host(host, repository: repository, inboxes: inboxes)) }
+        metadata.get("status/{model}") { _, context in
             let name = try context.parameters.require("model")
             guard let model = host.model(named: name) else {
                 throw FrontError.from(host.noModel(named: name))
@@ -53,7 +62,9 @@ struct HTTPFront: Sendable {
             return json(StatusReport.model(model, host: host))
         }
         if let repository {
-            router.get("repository/manifest.json") { _, _ in
+            // A model's code and weights: always behind a key when keys are on.
+            let bundles = group(nil)
+            bundles.get("repository/manifest.json") { _, _ in
                 guard let data = repository.manifestData else {
                     throw FrontError(.unavailable, "this node has not read its repository's manifest yet")
                 }
@@ -62,10 +73,10 @@ struct HTTPFront: Sendable {
                 return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: data)))
             }
             for folder in ["bundles", "files"] {
-                router.get("repository/\(folder)/{file}") { _, context in try repositoryFile(folder, context, repository) }
+                bundles.get("repository/\(folder)/{file}") { _, context in try repositoryFile(folder, context, repository) }
             }
         }
-        router.get("metrics") { _, _ in
+        group(.metrics).get("metrics") { _, _ in
             var headers = HTTPFields()
             headers[.contentType] = "text/plain; version=0.0.4; charset=utf-8"
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(string: metrics.exposition(host: host))))
@@ -133,8 +144,14 @@ struct HTTPFront: Sendable {
     private func admit(_ request: Request, model: String) throws {
         guard let gatekeeper, gatekeeper.isActive else { return }
         let key = try gatekeeper.authenticate(request.headers.value)
-        try gatekeeper.admit(key, model: model, known: host.model(named: model) != nil || host.versions(of: model) != nil)
+        try gatekeeper.admit(key, model: model, known: isLoaded(model))
     }
+
+    private func isLoaded(_ name: String) -> Bool { host.model(named: name) != nil || host.versions(of: name) != nil }
+
+    /// A failed request's model label: its name only if it is loaded (refused before the name was
+    /// resolved, by a key or a rate, a made-up name must not become a label).
+    private func label(_ name: String) -> String { isLoaded(name) ? name : FrontMetrics.unknownModel }
 
     private func body(_ request: Request) async throws -> Data {
         let tooLarge = FrontError(.tooLarge, "the request body exceeds the limit of \(maxBodyBytes) bytes (--max-body-bytes)")
@@ -176,7 +193,7 @@ struct HTTPFront: Sendable {
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: payload)))
         } catch {
             let failure = FrontError.from(error)
-            metrics.record(model: name, protocol: "http", since: start, error: failure)
+            metrics.record(model: label(name), protocol: "http", since: start, error: failure)
             throw failure
         }
     }
@@ -204,7 +221,7 @@ struct HTTPFront: Sendable {
             return Response(status: .ok, headers: headers, body: .init(byteBuffer: ByteBuffer(data: out)))
         } catch {
             let failure = FrontError.from(error)
-            metrics.record(model: name, protocol: "kserve_v1", since: start, error: failure)
+            metrics.record(model: label(name), protocol: "kserve_v1", since: start, error: failure)
             throw failure
         }
     }

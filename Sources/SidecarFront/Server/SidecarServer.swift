@@ -86,7 +86,7 @@ public func runServer(
     }
     let metrics = FrontMetrics.shared()  // first: it bootstraps the metrics the rest create
     // Certificates and keys are read before anything starts: a bad file stops the server here.
-    let edge = try Edge(configuration.edge)
+    let edge = try Edge(configuration.edge, logger: logger)
     let host = ModelHost(options: configuration.hostOptions, logger: logger)
     // Bundles by sha256: fetched from the repository, or pushed by `sidecar deploy`.
     let store = BundleStore(
@@ -123,8 +123,7 @@ public func runServer(
         host: configuration.host, port: configuration.grpcPort, gate: edge.gate("grpc"),
         maxRequestPayload: Checked.multiply(configuration.maxGRPCMessageBytes, 4).map { min(Int(Int32.max), $0) } ?? Int(Int32.max))
     let inference = InferenceService(
-        host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes, gatekeeper: gatekeeper,
-        requestTimeout: configuration.edge.requestTimeout)
+        host: host, readiness: readiness, metrics: metrics, maxMessageBytes: configuration.maxGRPCMessageBytes, gatekeeper: gatekeeper)
     let grpc = GRPCServer(
         transport: transport,
         services: [InferenceServiceRegistration(service: inference), HealthService(host: host, readiness: readiness)],
@@ -132,7 +131,9 @@ public func runServer(
 
     var services: [ServiceGroupConfiguration.ServiceConfiguration] = [
         .init(service: host),
-        .init(service: ModelLoader(host: host, readiness: readiness, directories: configuration.models, workers: configuration.workers)),
+        .init(service: ModelLoader(
+            host: host, readiness: readiness, directories: configuration.models, workers: configuration.workers,
+            strictFallbacks: configuration.repository == nil, logger: logger)),
         .init(service: GRPCServerService(server: grpc, transport: transport, ports: ports)),
         .init(service: http),
         .init(service: EdgeReloader(edge: edge, logger: logger)),
@@ -145,7 +146,7 @@ public func runServer(
             bundleLimits: BundleArchive.Limits(maxCompressedBytes: configuration.bundleMaxBytes))
         services.append(.init(service: Application(
             router: admin.router(),
-            server: edge.httpServer(gate: edge.gate("admin")),
+            server: edge.httpServer(gate: edge.gate("admin"), minimumRequestTimeout: .seconds(600)),
             configuration: .init(address: .hostname(configuration.adminHost, port: adminPort), serverName: "sidecar-admin", backlog: 4096),
             onServerRunning: { channel in ports.admin(channel.localAddress?.port ?? adminPort) },
             logger: logger)))
@@ -168,6 +169,10 @@ struct ModelLoader: Service {
     let readiness: ServerReadiness
     let directories: [String]
     let workers: Int?
+    /// Without a repository every fallback must be among the models loaded here; with one, a
+    /// fallback may be a repository model still on its way, so a missing one is only a warning.
+    var strictFallbacks = true
+    var logger = Logger(label: "sidecar")
 
     func run() async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -176,7 +181,9 @@ struct ModelLoader: Service {
             }
             try await group.waitForAll()
         }
-        try host.checkFallbacks()
+        do { try host.checkFallbacks() } catch where !strictFallbacks {
+            logger.warning("\(error)")
+        }
         readiness.markLoaded()
         try? await gracefulShutdown()
     }
@@ -224,8 +231,8 @@ struct GRPCServerService: Service {
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await server.serve() }
-                if let address = await transport.listeningAddress?.ipv4 {
-                    ports.grpc(address.port)
+                if let address = await transport.listeningAddress, let port = address.ipv4?.port ?? address.ipv6?.port {
+                    ports.grpc(port)
                 }
                 try await group.waitForAll()
             }
