@@ -72,6 +72,17 @@ def _ready(base: str, context=None) -> bool:
         return False
 
 
+
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    """Polls `predicate` until it returns something true or `timeout` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
 @contextlib.contextmanager
 def running_server(model_dirs, extra_args=(), server_class=None, prefix="sidecar-e2e-", ready=None, admin=False):
     """`sidecar serve MODEL_DIR...` on two free loopback ports, ready; stopped by SIGTERM after,

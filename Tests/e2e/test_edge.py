@@ -62,7 +62,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from certs import Pki, serial_of  # noqa: E402 - Tests/e2e is on the path (conftest's directory)
-from conftest import CACHE_DIR, HERE, REPO, SIDECAR_BIN, Server, _free_port, running_server  # noqa: E402
+from conftest import CACHE_DIR, HERE, REPO, SIDECAR_BIN, Server, _free_port, running_server, wait_for  # noqa: E402
 
 MODELS = HERE / "models"
 ECHO = "edge_echo"
@@ -290,15 +290,6 @@ def edge_server(directory: Path, config: dict, *, context: ssl.SSLContext | None
                         ready=ready, admin=admin_port is not None) as srv:
         srv.scheme, srv.context, srv.admin_port, srv.config_path = scheme, context, admin_port, path
         yield srv
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # ----------------------------------------------------------------------------------------- TLS

@@ -50,7 +50,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from conftest import CACHE_DIR, HERE, SIDECAR_BIN, Server, _free_port, running_server  # noqa: E402
+from conftest import CACHE_DIR, HERE, SIDECAR_BIN, Server, _free_port, running_server, wait_for  # noqa: E402
 
 MODELS = HERE / "models"
 
@@ -176,6 +176,10 @@ class FallbackCount:
 def server():
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-fallback-models-"))
     dirs = {name: Path(shutil.copytree(MODELS / name, tmp / name)) for name in ALL_MODELS}
+    # The primaries share fallback_primary's switchable handler; only their sidecar.yaml differs.
+    for directory in dirs.values():
+        if not (directory / "handler.py").exists():
+            shutil.copy(MODELS / "fallback_primary" / "handler.py", directory / "handler.py")
 
     class _Server(FallbackServer):
         pass
@@ -358,15 +362,6 @@ def _report(what: str, facts: str) -> None:
 def _pctl(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
-
-
-def _wait_until(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 _ids = itertools.count(1)
@@ -730,7 +725,7 @@ def _breaker_state_metric(server: FallbackServer, model: str) -> float | None:
 
 
 def _wait_state(server: FallbackServer, model: str, state: str, timeout: float) -> dict:
-    return _wait_until(lambda: (lambda b: b if b.get("state") == state else None)(server.breaker(model)), timeout, 0.05)
+    return wait_for(lambda: (lambda b: b if b.get("state") == state else None)(server.breaker(model)), timeout, 0.05)
 
 
 def _cool_down(server: FallbackServer, model: str, opened_at: float, facts: list[str], deviations: list[str]) -> None:
@@ -1006,7 +1001,7 @@ def test_killed_workers_and_a_failed_model_fall_back_unavailable(server, stub):
         killed_at = time.monotonic()
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
-        back = _wait_until(lambda: len(_live_workers(server, model)) == 2, 30, 0.1)
+        back = wait_for(lambda: len(_live_workers(server, model)) == 2, 30, 0.1)
         back_at = time.monotonic()
         (server.dirs[model] / "slowstart").unlink()
         facts.append(f"phase A: killed {pids}, both replaced after {back_at - killed_at:.1f} s ({back})")
@@ -1018,7 +1013,7 @@ def test_killed_workers_and_a_failed_model_fall_back_unavailable(server, stub):
         broken_at = time.monotonic()
         for pid in _live_workers(server, model):
             os.kill(pid, signal.SIGKILL)
-        failed = _wait_until(lambda: server.model_status(model).get("state") == "failed", 30, 0.1)
+        failed = wait_for(lambda: server.model_status(model).get("state") == "failed", 30, 0.1)
         failed_at = time.monotonic()
         facts.append(f"phase B: FAILED {failed_at - broken_at:.1f} s after BROKEN + kills ({failed}): "
                      f"{server.model_status(model).get('reason')!r}")
