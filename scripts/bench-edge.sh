@@ -29,6 +29,7 @@ printf '' >"$work/off.yaml"
 printf 'tls: {cert_file: server.crt, key_file: server.key}\n' >"$work/tls.yaml"
 printf 'auth: {keys_file: keys.yaml}\n' >"$work/keys-on.yaml"
 printf 'tls: {cert_file: server.crt, key_file: server.key}\nauth: {keys_file: keys.yaml}\n' >"$work/both.yaml"
+declare -A closes_done
 cat >"$work/close.lua" <<'LUA'
 wrk.method = "POST"
 wrk.body   = '{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}'
@@ -48,21 +49,32 @@ start() { # config models...
   for _ in $(seq 240); do curl -skf -o /dev/null "http://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; curl -skf -o /dev/null "https://127.0.0.1:$HTTP_PORT/v2/health/ready" && break; sleep 0.5; done
 }
 stop() { kill "$server"; wait "$server" 2>/dev/null || true; server=; }
-line() { # label wrk-output
-  local out=$2
-  echo "$1 req/s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p50=$(echo "$out" | awk '$1=="50%" {print $2}') p99=$(echo "$out" | awk '$1=="99%" {print $2}') non-2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}' | grep . || echo 0) errors=$(echo "$out" | awk '/Socket errors/ {print $0}' | grep . || echo none)"
+ticks() { awk '{print $14+$15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+line() { # label wrk-output [server-ticks-before]
+  local out=$2 cpu=""
+  if [ -n "${3:-}" ]; then
+    cpu=$(awk -v t=$(( $(ticks "$server") - $3 )) -v n="$(echo "$out" | awk '/requests in/ {print $1}')" -v hz="$(getconf CLK_TCK)" \
+      'BEGIN { if (n > 0) printf " server-cpu/request=%.0fus", t / hz * 1e6 / n }')
+  fi
+  echo "$1$cpu req/s=$(echo "$out" | awk '/Requests\/sec/ {print $2}') p50=$(echo "$out" | awk '$1=="50%" {print $2}') p99=$(echo "$out" | awk '$1=="99%" {print $2}') non-2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}' | grep . || echo 0) errors=$(echo "$out" | awk '/Socket errors/ {print $0}' | grep . || echo none)"
 }
 
-echo "== small requests: echo, 2 workers, wrk 32 keep-alive connections, ${D}s each"
-for mode in off tls keys-on both off; do
+echo "== small requests: echo, 2 workers, wrk 32 keep-alive connections, ${D}s each (twice round, then off again)"
+for mode in off tls keys-on both off tls keys-on both off; do
   scheme=http; [[ $mode == tls || $mode == both ]] && scheme=https
   header=(); [[ $mode == keys-on || $mode == both ]] && header=(-H "Authorization: Bearer $KEY")
   start "$mode.yaml" Examples/echo
   url="$scheme://127.0.0.1:$HTTP_PORT/v2/models/echo/infer"
   wrk -t1 -c32 -d2s -s scripts/bench/infer.lua "${header[@]}" "$url" >/dev/null 2>&1
-  line "$(printf '%-8s' "$mode")" "$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "${header[@]}" "$url" 2>&1)"
-  if [[ $mode == off || $mode == tls ]]; then
-    line "$(printf '%-8s' "$mode") new connection per request (8 clients)" "$(wrk -t1 -c8 -d${D}s -s "$work/close.lua" --latency "$url" 2>&1)"
+  t0=$(ticks "$server")
+  out=$(wrk -t1 -c32 -d${D}s -s scripts/bench/infer.lua --latency "${header[@]}" "$url" 2>&1)
+  line "$(printf '%-8s' "$mode")" "$out" "$t0"
+  if [[ $mode == off || $mode == tls ]] && [ -z "${closes_done[$mode]:-}" ]; then
+    closes_done[$mode]=1
+    # wrk counts each close by the server (Connection: close) as a read error.
+    t0=$(ticks "$server")
+    out=$(wrk -t1 -c8 -d${D}s -s "$work/close.lua" --latency "$url" 2>&1)
+    line "$(printf '%-8s' "$mode") new connection per request (8 clients)" "$out" "$t0"
   fi
   stop
 done
