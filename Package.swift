@@ -14,6 +14,7 @@ let package = Package(
         .executable(name: "sidecar", targets: ["SidecarCLI"]),
         .executable(name: "sidecar-bench", targets: ["SidecarBenchmark"]),
         .executable(name: "sidecar-client-example", targets: ["SidecarClientExample"]),
+        .executable(name: "sidecar-hop-floor", targets: ["SidecarHopFloor"]),
     ],
     dependencies: [
         .package(url: "https://github.com/grpc/grpc-swift-2", from: "2.4.3"),
@@ -143,6 +144,17 @@ let package = Package(
                 "Sidecar",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+        // The worker hop's floor: a bare grpc-swift-2 client of worker.proto (scripts/bench-hop.sh).
+        .executableTarget(
+            name: "SidecarHopFloor",
+            dependencies: [
+                "SidecarWorkerProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2", package: "grpc-swift-nio-transport"),
             ],
             swiftSettings: strict
         ),

@@ -50,7 +50,9 @@ for target in "${targets[@]}"; do
   echo "== $target: fuzzing for ${seconds}s"
   cp -r "$fuzz/corpus/$target" "$scratch/$target-corpus"
   log="$scratch/$target-fuzz.log"
-  if ! "$venv/bin/python" "$script" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
+  # A crash in native code can leave the fuzzer deadlocked in its own handler (malloc's lock held):
+  # killed past three times its time, it fails instead of holding CI.
+  if ! timeout -s KILL $((seconds * 3 + 60)) "$venv/bin/python" "$script" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 \
     -print_final_stats=1 -artifact_prefix="$artifacts" "$scratch/$target-corpus" >"$log" 2>&1; then
     grep -v '^#' "$log" | tail -n 60
     failed+=("$target (fuzzing)")
