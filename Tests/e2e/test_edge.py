@@ -621,28 +621,42 @@ def test_grpc_api_keys(auth_server):
 
     # ModelStreamInfer: the key comes with the stream's metadata.
     def stream(headers):
-        results = []
-        done = threading.Event()
-
-        def callback(result, error):
-            results.append((result, error))
-            done.set()
-        c = grpcclient.InferenceServerClient(auth_server.grpc_url)
-        try:
-            c.start_stream(callback, headers=headers)
-            inp, data = grpc_input()
-            c.async_stream_infer(ECHO, [inp])
-            assert done.wait(10), "no answer on the stream"
-            c.stop_stream()
-        finally:
-            c.close()
-        result, error = results[0]
+        ((result, error, data),) = stream_infer(auth_server.grpc_url, headers=headers)
         if error is not None:
             return status_of(error.status().replace("StatusCode.", "") + " ")
         np.testing.assert_array_equal(result.as_numpy("x"), data)
         return "OK"
     assert stream(None) == "UNAUTHENTICATED"
     assert stream({"authorization": f"Bearer {KEY['alice']}"}) == "OK"
+
+
+def stream_infer(url: str, messages: int = 1, headers: dict | None = None, pause_s: float = 0.0) -> list:
+    """`messages` ModelStreamInfer requests on one stream, `pause_s` apart, each awaited:
+    [(result, error, the data sent)]. An error ends the stream (its answer is the last)."""
+    results: list = []
+    sent: list = []
+    got = threading.Event()
+
+    def callback(result, error):
+        results.append((result, error))
+        got.set()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback, headers=headers)
+        for index in range(messages):
+            if index:
+                time.sleep(pause_s)
+            got.clear()
+            inp, data = grpc_input()
+            sent.append(data)
+            client.async_stream_infer(ECHO, [inp])
+            assert got.wait(10), f"no answer to message {index + 1} on the stream"
+            if results[-1][1] is not None:
+                break
+        client.stop_stream()
+    finally:
+        client.close()
+    return [(result, error, data) for (result, error), data in zip(results, sent)]
 
 
 def test_keys_hash_command():
@@ -1261,28 +1275,9 @@ def test_grpcio_channel_idle_then_reconnects_and_open_stream_survives(slow_serve
         channel.close()
 
     # A connection with an open stream is not idle: ModelStreamInfer open, nothing sent for 5 s.
-    results = []
-    got = threading.Event()
-
-    def callback(result, error):
-        results.append((result, error))
-        got.set()
-    client = grpcclient.InferenceServerClient(slow_server.grpc_url)
-    try:
-        client.start_stream(callback)
-        inp, first = grpc_input()
-        client.async_stream_infer(ECHO, [inp])
-        assert got.wait(10)
-        got.clear()
-        time.sleep(IDLE_TIMEOUT_S + 2)
-        inp, second = grpc_input()
-        client.async_stream_infer(ECHO, [inp])
-        assert got.wait(10), "no answer on the stream after a quiet spell"
-        client.stop_stream()
-    finally:
-        client.close()
-    assert [e for _, e in results] == [None, None], [str(e) for _, e in results]
-    np.testing.assert_array_equal(results[1][0].as_numpy("x"), second)
+    answers = stream_infer(slow_server.grpc_url, messages=2, pause_s=IDLE_TIMEOUT_S + 2)
+    assert [e for _, e, _ in answers] == [None, None], [str(e) for _, e, _ in answers]
+    np.testing.assert_array_equal(answers[1][0].as_numpy("x"), answers[1][2])
 
 
 def _socket_count(pid: int) -> int:

@@ -184,10 +184,11 @@ def server():
     class _Server(FallbackServer):
         pass
     _Server.dirs = dirs
+    _Server.admin_port = _free_port()  # `sidecar status` shows the breaker
     try:
         # info: the breaker's transitions are logged; the log is read in the breaker test.
-        with running_server([dirs[n] for n in ALL_MODELS], ["--log-level", "info"], server_class=_Server,
-                            prefix="sidecar-fallback-") as srv:
+        with running_server([dirs[n] for n in ALL_MODELS], ["--log-level", "info", "--admin-port", str(_Server.admin_port)],
+                            server_class=_Server, prefix="sidecar-fallback-", admin=True) as srv:
             yield srv
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -856,6 +857,18 @@ def test_breaker_opens_bypasses_the_primary_half_opens_and_closes(server):
     assert deviations == [], "\n".join(deviations)
 
 
+def _status_column(server, model: str, column: str) -> str:
+    """`sidecar status` against the server's admin API: the model's cell in `column`."""
+    done = subprocess.run([SIDECAR_BIN, "status", "--server", f"http://127.0.0.1:{server.admin_port}"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())
+    row = next((re.split(r"\s{2,}", line.strip()) for line in lines[1:] if line.split()[0] == model), None)
+    assert row is not None, done.stdout
+    return row[header.index(column)]
+
+
 def test_breaker_without_fallback_refuses_503_and_unavailable(server, stub):
     count = FallbackCount(server, BREAKER_ONLY)
     client = Client(server)
@@ -886,6 +899,8 @@ def test_breaker_without_fallback_refuses_503_and_unavailable(server, stub):
         assert "breaker" in message.lower() and BREAKER_ONLY in message, refusal.short()
         assert server.breaker(BREAKER_ONLY).get("state") == "open"
         assert _breaker_state_metric(server, BREAKER_ONLY) == 2
+        column = _status_column(server, BREAKER_ONLY, "BREAKER")
+        assert column.startswith("open"), f"sidecar status BREAKER for {BREAKER_ONLY}: {column!r}"
 
         calls = server.calls(BREAKER_ONLY)
         v1 = client.predict(BREAKER_ONLY, [1])

@@ -84,26 +84,32 @@ public final class Model: Sendable {
         var served = try await modelGuard.serve(
             deadline: deadline,
             primary: { try await self.submitPredictions(items, deadline: deadline) },
-            failed: { results in results.contains { result in if case .failure(let error) = result { return FallbackReason.of(error) != nil } else { return false } } },
-            alternative: { model, _ in try await Self.fallbackPredictions(items, from: model, guard: self.modelGuard, deadline: deadline) })
-        // Items the handler raised for, answered one by one by the fallback.
-        let failed = served.value.indices.filter { index in
-            if case .failure(let error) = served.value[index], let reason = FallbackReason.of(error) { return modelGuard.covers(reason) } else { return false }
-        }
-        guard served.fallback == nil, !failed.isEmpty else { return served }
-        let reason: FallbackReason = failed.allSatisfy { if case .failure(let e) = served.value[$0] { FallbackReason.of(e) == .error } else { false } } ? .error : .unavailable
+            failed: { results in results.contains { Self.reason($0) != nil } },
+            alternative: { model in try await self.fallbackPredictions(items, from: model, deadline: deadline) })
+        guard served.fallback == nil else { return served }
+        // Items the handler raised for (or whose worker died), answered one by one by the fallback.
+        let reasons = served.value.map(Self.reason)
+        let failed = reasons.indices.filter { reasons[$0].map(modelGuard.covers) ?? false }
+        guard !failed.isEmpty else { return served }
+        let reason: FallbackReason = failed.allSatisfy { reasons[$0] == .error } ? .error : .unavailable
         let retried = failed.map { items[$0] }
-        if let answer = try await modelGuard.answer(reason, { model, _ in try await Self.fallbackPredictions(retried, from: model, guard: self.modelGuard, deadline: deadline) }) {
+        if let answer = try await modelGuard.answer(reason, { model in try await self.fallbackPredictions(retried, from: model, deadline: deadline) }) {
             for (index, result) in zip(failed, answer.value) { served.value[index] = result }
             served.fallback = answer.fallback
         }
         return served
     }
 
+    /// Why an item failed, as the fallback and the breaker see it (nil: it did not, or not the model's fault).
+    private static func reason(_ result: ItemResult) -> FallbackReason? {
+        guard case .failure(let error) = result else { return nil }
+        return FallbackReason.of(error)
+    }
+
     /// The fallback's predictions: the fallback model's (without its own fallback), or the fixed response per item.
-    private static func fallbackPredictions(_ items: [JSONValue], from model: Model?, guard: ModelGuard, deadline: ContinuousClock.Instant?) async throws -> [ItemResult]? {
+    private func fallbackPredictions(_ items: [JSONValue], from model: Model?, deadline: ContinuousClock.Instant?) async throws -> [ItemResult]? {
         if let model { return try await model.submitPredictions(items, deadline: ModelGuard.fallbackDeadline(deadline)) }
-        guard case .response(let value)? = `guard`.fallback?.target else { return nil }
+        guard case .response(let value)? = modelGuard.fallback?.target else { return nil }
         return items.map { _ in .success(value) }
     }
 
@@ -133,7 +139,7 @@ public final class Model: Sendable {
         return try await modelGuard.serve(
             deadline: deadline,
             primary: { try await self.submitInference(inputs, deadline: deadline) },
-            alternative: { model, _ in
+            alternative: { model in
                 if let model {
                     // A request the fallback model cannot take gets the primary's error, not a 400.
                     guard (try? model.validate(inputs)) != nil else { return nil }

@@ -76,7 +76,7 @@ final class ModelGuard: Sendable {
     let fallback: ModelConfiguration.Fallback?
     /// The fixed answer's tensors, for OIP requests (`response: {"outputs": [...]}`).
     let fixedTensors: [Tensor]?
-    /// nil inside without `breaker:`.
+    /// nil inside without `breaker:` (``withBreaker(_:)`` then does nothing).
     private let breaker: Mutex<CircuitBreaker?>
     private let hasBreaker: Bool
     /// Finds the fallback model by name (set by the host; a model does not hold its host).
@@ -115,18 +115,27 @@ final class ModelGuard: Sendable {
         return reason == .breakerOpen || fallback.on.contains(reason)
     }
 
+    /// Runs `body` on the breaker under its lock (nil without one). The value is taken out while
+    /// `body` runs, so its buckets are mutated in place rather than copied.
+    private func withBreaker<Result>(_ body: (inout CircuitBreaker) -> Result) -> Result? {
+        breaker.withLock { stored in
+            guard var current = stored.take() else { return nil }
+            defer { stored = current }
+            return body(&current)
+        }
+    }
+
     var breakerStatus: BreakerStatus? {
         let now = ContinuousClock.now
-        let (status, transition): (BreakerStatus?, CircuitBreaker.Transition?) = breaker.withLock { b in
-            guard b != nil else { return (nil, nil) }
-            let transition = b!.advance(now: now)
-            let (requests, failures) = b!.window(now: now)
-            let retryIn = b!.state == .open ? b!.openedAt.map { max(.zero, $0 + b!.settings.coolDown - now) } : nil
-            let openedAt = b!.openedAt.map { Date().addingTimeInterval(-(now - $0).inSeconds) }
-            return (BreakerStatus(state: b!.state.rawValue, requests: requests, failures: failures, opened: b!.opened, retryIn: retryIn, openedAt: openedAt), transition)
-        }
-        report(transition)
-        return status
+        guard let looked = withBreaker({ b -> (status: BreakerStatus, transition: CircuitBreaker.Transition?) in
+            let transition = b.advance(now: now)
+            let (requests, failures) = b.window(now: now)
+            let retryIn = b.state == .open ? b.openedAt.map { max(.zero, $0 + b.settings.coolDown - now) } : nil
+            let openedAt = b.openedAt.map { Date().addingTimeInterval(-(now - $0).inSeconds) }
+            return (BreakerStatus(state: b.state.rawValue, requests: requests, failures: failures, opened: b.opened, retryIn: retryIn, openedAt: openedAt), transition)
+        }) else { return nil }
+        report(looked.transition)
+        return looked.status
     }
 
     /// The error a request gets at once when the breaker is open and nothing falls back: what the
@@ -134,11 +143,11 @@ final class ModelGuard: Sendable {
     func earlyRefusal() -> SidecarError? {
         guard hasBreaker, fallback == nil else { return nil }
         let now = ContinuousClock.now
-        let retry: Duration? = breaker.withLock { b in
-            guard let b, b.state == .open, let openedAt = b.openedAt, now < openedAt + b.settings.coolDown else { return nil }
+        let retry: Duration?? = withBreaker { b in
+            guard b.state == .open, let openedAt = b.openedAt, now < openedAt + b.settings.coolDown else { return nil }
             return openedAt + b.settings.coolDown - now
         }
-        return retry.map(openError)
+        return (retry ?? nil).map(openError)
     }
 
     private func openError(_ retryAfter: Duration) -> SidecarError {
@@ -155,16 +164,12 @@ final class ModelGuard: Sendable {
         deadline: ContinuousClock.Instant?,
         primary: @escaping @Sendable () async throws -> Value,
         failed: (Value) -> Bool = { _ in false },
-        alternative: (Model?, FallbackReason) async throws -> Value?
+        alternative: (Model?) async throws -> Value?
     ) async throws -> Served<Value> {
         var probe: Int?
-        if hasBreaker {
-            let (decision, transition) = breaker.withLock { b -> (CircuitBreaker.Decision, CircuitBreaker.Transition?) in
-                guard b != nil else { return (.primary, nil) }
-                return b!.decide(now: .now)
-            }
-            report(transition)
-            switch decision {
+        if let decided = withBreaker({ $0.decide(now: .now) }) {
+            report(decided.1)
+            switch decided.0 {
             case .primary: break
             case .probe(let round): probe = round
             case .open(let retryAfter):
@@ -206,7 +211,7 @@ final class ModelGuard: Sendable {
 
     /// The fallback's answer for `reason`, or nil when there is none (no fallback, the model it
     /// names is gone, or the fixed response does not fit the request).
-    func answer<Value: Sendable>(_ reason: FallbackReason, _ alternative: (Model?, FallbackReason) async throws -> Value?) async throws -> Served<Value>? {
+    func answer<Value: Sendable>(_ reason: FallbackReason, _ alternative: (Model?) async throws -> Value?) async throws -> Served<Value>? {
         guard let fallback else { return nil }
         let value: Value?
         let source: String
@@ -220,10 +225,10 @@ final class ModelGuard: Sendable {
                 return nil
             }
             missingWarned.store(false, ordering: .relaxed)
-            value = try await alternative(model, reason)
+            value = try await alternative(model)
             source = name
         case .response:
-            value = try await alternative(nil, reason)
+            value = try await alternative(nil)
             source = "response"
         }
         guard let value else { return nil }
@@ -232,9 +237,7 @@ final class ModelGuard: Sendable {
     }
 
     func record(_ outcome: CircuitBreaker.Outcome, probe: Int?) {
-        guard hasBreaker else { return }
-        let transition = breaker.withLock { $0?.record(outcome, probe: probe, now: .now) ?? nil }
-        report(transition)
+        report(withBreaker { $0.record(outcome, probe: probe, now: .now) } ?? nil)
     }
 
     private func report(_ transition: CircuitBreaker.Transition?) {

@@ -379,25 +379,24 @@ public final class ModelHost: Service, Sendable {
     /// server's start models have loaded (they load in parallel, so a fallback may load after its
     /// primary), and after each later load.
     public func checkFallbacks(of model: Model? = nil) throws {
-        let all: [Model] = state.withLock { state in
+        let primaries = model.map { [$0] } ?? state.withLock { state in
             Array(state.models.values) + state.versions.values.flatMap { $0.loaded.values }
         }
-        for primary in model.map({ [$0] }) ?? all {
-            guard case .model(var next)? = primary.configuration.fallback?.target else { continue }
+        for primary in primaries {
             let file = primary.bundle.directory.appendingPathComponent("sidecar.yaml").path
-            var path = [primary.name]
-            while true {
+            var chain = [primary.name]
+            var current = primary
+            while case .model(let next)? = current.configuration.fallback?.target {
                 guard let target = try? resolve(next) else {
                     throw SidecarError(
                         .invalidModel,
-                        "\(file): 'fallback.model' of model '\(path.last!)' names '\(next)', which is not loaded; load it too (sidecar serve \(primary.name)-dir \(next)-dir), or name a model that is")
+                        "\(file): 'fallback.model' of model '\(current.name)' names '\(next)', which is not loaded; load it too, or name a model that is")
                 }
-                path.append(next)
-                guard !path.dropLast().contains(next) else {
-                    throw SidecarError(.invalidModel, "\(file): 'fallback.model' makes a cycle: \(path.joined(separator: " → ")); a fallback must not fall back to its primary")
+                guard !chain.contains(next) else {
+                    throw SidecarError(.invalidModel, "\(file): 'fallback.model' makes a cycle: \((chain + [next]).joined(separator: " → ")); a fallback must not fall back to its primary")
                 }
-                guard case .model(let after)? = target.configuration.fallback?.target else { break }
-                next = after
+                chain.append(next)
+                current = target
             }
         }
     }

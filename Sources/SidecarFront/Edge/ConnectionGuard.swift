@@ -29,8 +29,6 @@ final class ConnectionGate: Sendable {
         })
     }
 
-    var count: Int { open.withLock { $0.count } }
-
     /// Lets `record` in, closing a quiet connection if at the cap; false: refused.
     func enter(_ record: ConnectionRecord) -> Bool {
         let now = NIODeadline.now().uptimeNanoseconds
@@ -43,9 +41,9 @@ final class ConnectionGate: Sendable {
                     let last = candidate.lastActivity.load(ordering: .relaxed)
                     switch candidate.phase.load(ordering: .relaxed) {
                     case ConnectionRecord.idle:
-                        if idle == nil || last < idle!.last { idle = (candidate, last) }
+                        if last < idle?.last ?? .max { idle = (candidate, last) }
                     case ConnectionRecord.receiving where now &- last > 1_000_000_000:
-                        if stalled == nil || last < stalled!.last { stalled = (candidate, last) }
+                        if last < stalled?.last ?? .max { stalled = (candidate, last) }
                     default:
                         continue
                     }
@@ -94,7 +92,7 @@ final class ConnectionRecord: Sendable {
         lastActivity = Atomic(NIODeadline.now().uptimeNanoseconds)
     }
 
-    func touch() { lastActivity.store(NIODeadline.now().uptimeNanoseconds, ordering: .relaxed) }
+    func touch(_ now: NIODeadline = .now()) { lastActivity.store(now.uptimeNanoseconds, ordering: .relaxed) }
 }
 
 /// In every accepted connection's pipeline, just after TLS (so it sees what the client actually
@@ -190,8 +188,8 @@ final class ConnectionGuard: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        record?.touch()
         lastRead = .now()
+        record?.touch(lastRead)
         if case .http1 = clocks, !isReceiving {
             headPending = true
             receivingSince = lastRead
@@ -380,14 +378,10 @@ final class StreamClock: ChannelInboundHandler, RemovableChannelHandler {
         connectionGuard?.streamOpened(self)
     }
 
+    /// Called for every stream, however it ended (a stream channel's pipeline is torn down on close).
     func handlerRemoved(context: ChannelHandlerContext) {
         connectionGuard?.streamClosed(self)
         self.context = nil
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        connectionGuard?.streamClosed(self)
-        context.fireChannelInactive()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -418,8 +412,9 @@ final class StreamClock: ChannelInboundHandler, RemovableChannelHandler {
                 if remaining == 0 { waitingSince = nil }
                 continue
             }
+            guard let byte = buffer.readInteger(as: UInt8.self) else { break }
             if prefix.isEmpty, waitingSince == nil { waitingSince = .now() }
-            prefix.append(buffer.readInteger(as: UInt8.self)!)
+            prefix.append(byte)
             if prefix.count == 5 {
                 remaining = Int(prefix[1]) << 24 | Int(prefix[2]) << 16 | Int(prefix[3]) << 8 | Int(prefix[4])
                 prefix.removeAll(keepingCapacity: true)

@@ -74,9 +74,9 @@ final class Gatekeeper: Sendable {
     /// rate limits (429 with Retry-After). `known`: the model is loaded (else its name, which a
     /// client chose, stays out of the metrics).
     func admit(_ key: APIKey?, model: String, known: Bool) throws {
-        if let key, !key.allows(model) {
+        if let key, let allowed = key.models, !allowed.contains(model) {
             refusedAuth["forbidden"]?.increment()
-            throw FrontError(.permissionDenied, "the API key '\(key.name)' may not call model '\(model)' (its models in auth.keys_file: \(key.models!.sorted().joined(separator: ", ")))")
+            throw FrontError(.permissionDenied, "the API key '\(key.name)' may not call model '\(model)' (its models in auth.keys_file: \(allowed.sorted().joined(separator: ", ")))")
         }
         let keyLimit = key?.limit
         let modelLimit = modelRates[model]
@@ -87,13 +87,18 @@ final class Gatekeeper: Sendable {
             var checks: [(String, String, RateLimit)] = []
             if let key, let keyLimit { checks.append(("key:" + key.name, key.name, keyLimit)) }
             if let modelLimit { checks.append(("model:" + model, "_model", modelLimit)) }
+            var refilled: [(id: String, bucket: TokenBucket)] = []
             for (id, who, limit) in checks {
                 var bucket = buckets[id] ?? TokenBucket(limit: limit, now: now)
                 bucket.refill(now: now, limit: limit)
                 buckets[id] = bucket
                 if bucket.tokens < 1 { return (who, bucket.wait(limit: limit), limit) }
+                refilled.append((id, bucket))
             }
-            for (id, _, _) in checks { buckets[id]!.tokens -= 1 }
+            for var entry in refilled {
+                entry.bucket.tokens -= 1
+                buckets[entry.id] = entry.bucket
+            }
             return nil
         }
         guard let refusal else { return }

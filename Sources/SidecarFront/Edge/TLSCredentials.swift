@@ -9,20 +9,26 @@ import Synchronization
 /// (SIGHUP) swaps in contexts built from the files again, so connections that are open keep
 /// theirs and are not dropped.
 final class TLSCredentials: Sendable {
-    enum Listener: CaseIterable {
+    enum Listener {
         case http1, grpc
         var alpn: [String] { self == .grpc ? ["h2"] : ["http/1.1"] }
     }
 
+    /// The contexts of one load of the files.
+    private struct Contexts {
+        var http1: NIOSSLContext
+        var grpc: NIOSSLContext
+    }
+
     let settings: EdgeConfiguration.TLS
-    private let contexts: Mutex<[Listener: NIOSSLContext]>
+    private let contexts: Mutex<Contexts>
 
     init(_ settings: EdgeConfiguration.TLS) throws {
         self.settings = settings
         contexts = Mutex(try Self.build(settings))
     }
 
-    func context(_ kind: Listener) -> NIOSSLContext { contexts.withLock { $0[kind]! } }
+    func context(_ kind: Listener) -> NIOSSLContext { contexts.withLock { kind == .grpc ? $0.grpc : $0.http1 } }
 
     /// Builds new contexts from the files; on any error keeps the old ones and says why.
     func reload(logger: Logger) {
@@ -35,7 +41,7 @@ final class TLSCredentials: Sendable {
         }
     }
 
-    private static func build(_ settings: EdgeConfiguration.TLS) throws -> [Listener: NIOSSLContext] {
+    private static func build(_ settings: EdgeConfiguration.TLS) throws -> Contexts {
         let chain: [NIOSSLCertificate]
         do { chain = try NIOSSLCertificate.fromPEMFile(settings.certFile) } catch {
             throw SidecarError(.invalidConfiguration, "tls.cert_file \(settings.certFile): cannot read a PEM certificate chain from it (\(error))")
@@ -51,8 +57,7 @@ final class TLSCredentials: Sendable {
                 throw SidecarError(.invalidConfiguration, "tls.client_ca_file \(ca): cannot read PEM certificates from it (\(error))")
             }
         }
-        var contexts: [Listener: NIOSSLContext] = [:]
-        for kind in Listener.allCases {
+        func context(_ kind: Listener) throws -> NIOSSLContext {
             var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain.map { .certificate($0) }, privateKey: .privateKey(key))
             configuration.applicationProtocols = kind.alpn
             if let roots {
@@ -60,10 +65,10 @@ final class TLSCredentials: Sendable {
                 configuration.certificateVerification = .noHostnameVerification
                 configuration.trustRoots = .certificates(roots)
             }
-            do { contexts[kind] = try NIOSSLContext(configuration: configuration) } catch {
+            do { return try NIOSSLContext(configuration: configuration) } catch {
                 throw SidecarError(.invalidConfiguration, "tls.cert_file \(settings.certFile) and tls.key_file \(settings.keyFile) do not make a TLS context (is the key the certificate's?): \(error)")
             }
         }
-        return contexts
+        return Contexts(http1: try context(.http1), grpc: try context(.grpc))
     }
 }
